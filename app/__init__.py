@@ -1,0 +1,1 @@
+"""cnnserve: CNN classifiers from models/ served over HTTP on ONNX Runtime."""

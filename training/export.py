@@ -177,8 +177,12 @@ def export_kernels(models_dir: Path) -> Path:
         "input": KERNELS_INPUT,
         "output": {"name": "logits", "kind": "logits"},
         "labels": list(nets.LECTURE_KERNELS),
-        "source": {"architecture": "LectureKernels", "dataset": "none (fixed weights)",
-                   "command": "python -m training.export --arch kernels", "framework": f"torch {torch.__version__}"},
+        "source": {
+            "architecture": "LectureKernels",
+            "dataset": "none (fixed weights)",
+            "command": "python -m training.export --arch kernels",
+            "framework": f"torch {torch.__version__}",
+        },
     }
     return export_checked(model, inputs, models_dir, spec)
 
@@ -219,7 +223,8 @@ def photo_reference(model: torch.nn.Module, input_spec: dict, labels: list[str])
             probs = torch.softmax(model(torch.from_numpy(photos.preprocess(path, input_spec))), 1)[0]
         scores, indices = probs.topk(5)
         reference[name] = [
-            {"index": int(i), "label": labels[int(i)], "score": round(float(s), 6)} for s, i in zip(scores, indices)
+            {"index": int(i), "label": labels[int(i)], "score": round(float(s), 6)}
+            for s, i in zip(scores, indices, strict=True)
         ]
         log.info("%s: %s", name, ", ".join(f"{p['label']} {p['score']:.3f}" for p in reference[name]))
     return {"produced_by": f"torch {torch.__version__}", "photos": reference}
@@ -237,8 +242,12 @@ def export_checked(
         onnx_path = Path(scratch) / "model.onnx"
         to_onnx(model, torch.from_numpy(inputs[:1]), onnx_path)
         parity = check_parity(model, onnx_path, inputs)
-        log.info("%s: ONNX Runtime matches PyTorch at batches %s, max |diff| %.2g", spec["name"], parity.batch_sizes,
-                 parity.max_abs_diff)
+        log.info(
+            "%s: ONNX Runtime matches PyTorch at batches %s, max |diff| %.2g",
+            spec["name"],
+            parity.batch_sizes,
+            parity.max_abs_diff,
+        )
         if accuracy_on is not None:
             labels, dataset = accuracy_on
             spec = {**spec, "accuracy": measure_accuracy(onnx_path, inputs, labels, dataset)}
@@ -278,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             checkpoint = args.checkpoint or Path("runs") / args.arch / "checkpoint.pt"
             if not checkpoint.exists():
-                raise SystemExit(f"error: {checkpoint} not found; train first: python -m training.train --arch {args.arch}")
+                raise SystemExit(
+                    f"error: {checkpoint} not found; train first: python -m training.train --arch {args.arch}"
+                )
             export_trained(args.arch, checkpoint, args.models_dir, args.data_dir, args.name)
     except (ExportMismatch, data.DatasetMissing) as refused:
         raise SystemExit(f"error: {refused}") from None

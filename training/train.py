@@ -113,12 +113,19 @@ def train(recipe: Recipe, data_dir: Path, out_dir: Path) -> History:
         started = time.perf_counter()
         train_loss = train_epoch(model, optimiser, schedule, x_train, y_train, recipe, device, generator, epoch)
         test_loss, accuracy = evaluate(model, x_test, y_test, device)
-        for name, value in zip(
-            ("epochs", "train_loss", "test_loss", "test_accuracy", "seconds"),
-            (epoch, train_loss, test_loss, accuracy, time.perf_counter() - started),
-        ):
-            getattr(history, name).append(value)
-        log.info("epoch %d/%d  train loss %.4f  test loss %.4f  test accuracy %.4f", epoch, recipe.epochs, train_loss, test_loss, accuracy)
+        history.epochs.append(epoch)
+        history.train_loss.append(train_loss)
+        history.test_loss.append(test_loss)
+        history.test_accuracy.append(accuracy)
+        history.seconds.append(time.perf_counter() - started)
+        log.info(
+            "epoch %d/%d  train loss %.4f  test loss %.4f  test accuracy %.4f",
+            epoch,
+            recipe.epochs,
+            train_loss,
+            test_loss,
+            accuracy,
+        )
 
     save_run(model, recipe, history, out_dir)
     return history
@@ -152,7 +159,9 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def save_run(model: torch.nn.Module, recipe: Recipe, history: History, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"arch": recipe.arch, "state_dict": model.state_dict(), "recipe": asdict(recipe)}, out_dir / "checkpoint.pt")
+    torch.save(
+        {"arch": recipe.arch, "state_dict": model.state_dict(), "recipe": asdict(recipe)}, out_dir / "checkpoint.pt"
+    )
     metrics = {"recipe": asdict(recipe), "history": asdict(history), "parameters": count_parameters(model)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_curves(history, recipe.arch, out_dir / "curves.png")
@@ -199,7 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    recipe = Recipe(args.arch, args.epochs, args.batch_size, args.lr, seed=args.seed, subset=args.subset, bf16=args.bf16)
+    recipe = Recipe(
+        args.arch, args.epochs, args.batch_size, args.lr, seed=args.seed, subset=args.subset, bf16=args.bf16
+    )
     try:
         train(recipe, args.data_dir, args.out or Path("runs") / args.arch)
     except data.DatasetMissing as missing:

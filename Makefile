@@ -1,0 +1,62 @@
+# cnnserve: the commands a new user needs. `make serve` and `make test` do all the set-up.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+TRAINED := lenet5 alexnet googlenet resnet
+
+.PHONY: help serve test lint format install install-dev dataset models train export schema clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $@ $(VENV)/.serve
+
+install: $(VENV)/.serve  ## install the service (no torch)
+install-dev: $(VENV)/.dev  ## install the service, training and test tools
+
+serve: $(VENV)/.serve  ## serve models/ on http://127.0.0.1:8000
+	$(BIN)/python -m app serve --host $(HOST) --port $(PORT)
+
+dataset:  ## install Fashion-MNIST from Debian (needs root)
+	@test -d $(FASHION_DIR) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+test: $(VENV)/.dev dataset  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev  ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+train: $(VENV)/.dev dataset  ## train the four Fashion-MNIST networks (about 45 min on 2 cores)
+	$(BIN)/python -m training.train --arch lenet5 --epochs 40 --lr 3e-3
+	$(BIN)/python -m training.train --arch alexnet --epochs 15
+	$(BIN)/python -m training.train --arch googlenet --epochs 18
+	$(BIN)/python -m training.train --arch resnet --epochs 24
+
+export: $(VENV)/.dev dataset  ## export every model into models/, checked against PyTorch
+	for arch in $(TRAINED) kernels efficientnet_lite0; do $(BIN)/python -m training.export --arch $$arch || exit 1; done
+
+models: train export  ## rebuild models/ from scratch: train, then export
+
+schema: $(VENV)/.serve  ## regenerate models/model.schema.json from app/spec.py
+	$(BIN)/python -m app.spec > models/model.schema.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,47 @@
+"""Every setting of the service, read once from CNNSERVE_* environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: the affinity mask, capped by a cgroup v2 quota, because
+    ONNX Runtime sizes its pool to the host and oversubscribes a container (onnxruntime #29510)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", env_file=".env", extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="the model repository: one folder per model")
+    default_model: str = Field("efficientnet_lite0", description="served when a request names no model")
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when onnxruntime-gpu and a GPU are there, else CPU; cuda: fail without it"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per inference; 0: the CPUs available")
+    inference_workers: int = Field(1, ge=1, le=64, description="inferences run at once per model")
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
+    max_pixels: int = Field(50_000_000, gt=0, description="largest image, width x height, decoded (413 above)")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @computed_field
+    @cached_property
+    def threads(self) -> int:
+        return self.intra_op_threads or available_cpus()

@@ -1,0 +1,38 @@
+"""Errors as types, turned into JSON ``{"detail": ...}`` responses in one place.
+
+Anything a client sent gets a 4xx that says what was wrong; only our own faults are 500s.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from app.imaging import ImageRejected
+
+log = logging.getLogger("cnnserve.errors")
+
+
+class ApiError(HTTPException):
+    """Raised by routes and dependencies with the status a client can act on."""
+
+
+def not_found(detail: str) -> ApiError:
+    return ApiError(404, detail)
+
+
+async def image_rejected(request: Request, error: ImageRejected) -> JSONResponse:
+    return JSONResponse({"detail": error.detail}, status_code=error.status)
+
+
+async def unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ImageRejected, image_rejected)
+    app.add_exception_handler(Exception, unexpected)

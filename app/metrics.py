@@ -1,0 +1,79 @@
+"""Prometheus metrics, on a registry of the app's own (so several apps in one process never clash),
+and the ASGI middleware that counts every request by endpoint, model and status."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cnnserve_requests",
+            "HTTP requests by endpoint, model and status code.",
+            ["endpoint", "model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cnnserve_request_duration_seconds",
+            "HTTP request latency, receipt to last byte.",
+            ["endpoint", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "cnnserve_inference_duration_seconds",
+            "Time inside ONNX Runtime per call.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_loaded = Gauge(
+            "cnnserve_model_loaded",
+            "1 for each model served, labelled with the execution provider it got.",
+            ["model", "provider"],
+            registry=self.registry,
+        )
+        self.model_failed = Gauge(
+            "cnnserve_model_failed", "1 for each model folder refused at load.", ["model"], registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts after the response is sent; the endpoint label is the route template, never the raw
+    path, so a client cannot grow the label set."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            model = scope.get("state", {}).get("model", "")
+            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            self.metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)

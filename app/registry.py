@@ -1,0 +1,168 @@
+"""The model repository: every folder under models/ validated, hash-checked and loaded, or refused
+with a reason that /models shows. One broken folder never stops the others from being served."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.runtime import ProviderUnavailable, create_session
+from app.spec import ModelSpec
+
+log = logging.getLogger("cnnserve.registry")
+
+
+class ModelRefused(Exception):
+    """A model folder that cannot be served, with the reason."""
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    session: ort.InferenceSession
+    path: Path
+    load_seconds: float
+    executor: ThreadPoolExecutor = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run([self.spec.output.name], {self.spec.input.name: batch})
+        return logits
+
+    async def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run on this model's worker threads, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.run, batch)
+
+
+@dataclass(frozen=True)
+class FailedModel:
+    name: str
+    path: Path
+    reason: str
+
+
+@dataclass
+class Registry:
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+    failed: dict[str, FailedModel] = field(default_factory=dict)
+    loaded: bool = False
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def load_all(settings: Settings, registry: Registry) -> Registry:
+    """Fill ``registry`` from settings.models_dir, one folder at a time, then mark it loaded."""
+    folders = sorted(p for p in settings.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        started = time.perf_counter()
+        try:
+            model = load_model(folder, settings, started)
+        except ModelRefused as refused:
+            registry.failed[folder.name] = FailedModel(folder.name, folder, str(refused))
+            log.error("refused model %s: %s", folder.name, refused)
+            continue
+        registry.models[model.name] = model
+        log.info(
+            "loaded model %s on %s in %.2f s (sha256 verified)",
+            model.name,
+            model.providers[0],
+            model.load_seconds,
+        )
+    registry.loaded = True
+    return registry
+
+
+def load_model(folder: Path, settings: Settings, started: float) -> LoadedModel:
+    spec = read_spec(folder)
+    onnx_bytes = read_verified(folder / "model.onnx", spec.sha256)
+    try:
+        session = create_session(onnx_bytes, settings)
+    except ProviderUnavailable as error:
+        raise ModelRefused(str(error)) from None
+    except Exception as error:  # ONNX Runtime raises several unrelated types for a bad file
+        raise ModelRefused(f"ONNX Runtime cannot load model.onnx: {error}") from error
+    model = LoadedModel(
+        spec, session, folder, 0.0, ThreadPoolExecutor(settings.inference_workers, f"infer-{spec.name}")
+    )
+    check_signature(model)
+    warm_up(model)
+    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def read_spec(folder: Path) -> ModelSpec:
+    try:
+        raw = json.loads((folder / "model.json").read_text())
+        spec = ModelSpec.model_validate(raw)
+    except FileNotFoundError:
+        raise ModelRefused("model.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelRefused(f"model.json is not valid JSON: {error}") from None
+    except ValidationError as error:
+        raise ModelRefused(f"model.json does not match the schema: {error}") from None
+    if spec.name != folder.name:
+        raise ModelRefused(f"model.json names {spec.name!r} but the folder is {folder.name!r}")
+    return spec
+
+
+def read_verified(path: Path, expected_sha256: str) -> bytes:
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelRefused("model.onnx is missing") from None
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != expected_sha256:
+        raise ModelRefused(f"model.onnx sha256 is {actual}, model.json says {expected_sha256}")
+    return content
+
+
+def check_signature(model: LoadedModel) -> None:
+    """The ONNX inputs and outputs must be what model.json says, before any request finds out."""
+    spec = model.spec
+    inputs = {i.name: i for i in model.session.get_inputs()}
+    outputs = {o.name: o for o in model.session.get_outputs()}
+    if spec.input.name not in inputs:
+        raise ModelRefused(f"model.json input {spec.input.name!r} not among the ONNX inputs {list(inputs)}")
+    if spec.output.name not in outputs:
+        raise ModelRefused(f"model.json output {spec.output.name!r} not among the ONNX outputs {list(outputs)}")
+    shape = inputs[spec.input.name].shape
+    c, h, w = spec.input.channels, spec.input.height, spec.input.width
+    expected = [c, h, w] if spec.input.layout == "NCHW" else [h, w, c]
+    if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=False)):
+        raise ModelRefused(f"ONNX input shape {shape} does not fit {spec.input.layout} {expected} from model.json")
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One real run, which also proves the output has one score per label."""
+    spec = model.spec.input
+    dims = (
+        (1, spec.channels, spec.height, spec.width)
+        if spec.layout == "NCHW"
+        else (1, spec.height, spec.width, spec.channels)
+    )
+    try:
+        out = model.run(np.zeros(dims, np.float32))
+    except Exception as error:
+        raise ModelRefused(f"a test inference failed: {error}") from error
+    if out.shape != (1, len(model.spec.labels)):
+        raise ModelRefused(f"output shape {list(out.shape)} does not fit {len(model.spec.labels)} labels")

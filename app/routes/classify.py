@@ -1,0 +1,65 @@
+"""POST /classify: an image in, the top-k classes with softmax probabilities out."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from app import imaging
+from app.deps import IMAGE_BODY, ImageDep, MetricsDep, ModelDep, SettingsDep
+from app.errors import ApiError
+from app.schemas import ClassifyResponse, ErrorBody, Prediction
+
+router = APIRouter(tags=["inference"])
+
+ERRORS = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "undecodable image",
+        404: "unknown model",
+        413: "body or image too large",
+        415: "unsupported media type",
+        422: "bad parameters",
+        503: "model not ready",
+    }.items()
+}
+
+
+def top_k(logits: np.ndarray, kind: str, k: int, labels: list[str]) -> list[Prediction]:
+    """Softmax (in float64, shifted by the max) unless the model already outputs probabilities."""
+    scores = logits.astype(np.float64)
+    if kind == "logits":
+        scores = np.exp(scores - scores.max())
+        scores /= scores.sum()
+    k = min(k, len(scores))
+    best = np.argpartition(-scores, k - 1)[:k]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return [Prediction(index=int(i), label=labels[i], score=float(scores[i])) for i in best]
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=ERRORS,
+    openapi_extra=IMAGE_BODY,
+    summary="Classify an image: top-k labels with scores",
+)
+async def classify(
+    model: ModelDep,
+    image: ImageDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, description="how many classes (at most the model's)")] = 5,
+) -> ClassifyResponse:
+    if top_k_ > settings.max_top_k:
+        raise ApiError(422, f"top_k must be at most {settings.max_top_k}")
+    batch = await run_in_threadpool(imaging.prepare, image, model.spec.input, settings.max_pixels)
+    started = time.perf_counter()
+    logits = await model.infer(batch)
+    metrics.inference.labels(model.name).observe(time.perf_counter() - started)
+    predictions = top_k(logits[0], model.spec.output.kind, top_k_, model.spec.labels)
+    return ClassifyResponse(model=model.name, predictions=predictions)

@@ -1,0 +1,34 @@
+"""Probes and metrics. Liveness never depends on models; readiness means the default model is
+loaded, hash-verified and warmed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.deps import MetricsDep, RegistryDep, SettingsDep
+from app.schemas import Health
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health(status="alive")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}}, summary="Ready for traffic")
+async def readyz(registry: RegistryDep, settings: SettingsDep) -> Response:
+    ready = registry.loaded and settings.default_model in registry.models
+    body = Health(
+        status="ready" if ready else ("loading" if not registry.loaded else "default model unavailable"),
+        models_loaded=len(registry.models),
+        models_failed=len(registry.failed),
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus text format", response_class=Response)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

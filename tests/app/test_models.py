@@ -1,0 +1,47 @@
+"""GET /models, /models/{name}, probes and metrics."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def test_models_lists_every_served_model_with_its_input_and_accuracy(client):
+    body = client.get("/models").json()
+    assert body["default_model"] == "efficientnet_lite0"
+    models = {m["name"]: m for m in body["models"]}
+    assert {"lenet5", "kernels", "efficientnet_lite0"} <= set(models)
+    lenet = models["lenet5"]
+    assert lenet["status"] == "ready" and lenet["labels"] == 10
+    assert lenet["input"]["height"] == 28 and lenet["accuracy"]["samples"] == 10000
+
+
+def test_model_details_name_the_provider_and_the_hash(client):
+    info = client.get("/models/efficientnet_lite0").json()
+    assert info["provider"] == "CPUExecutionProvider" and len(info["sha256"]) == 64
+    assert info["labels"] == 1000 and info["default"] is True
+
+
+def test_liveness_answers_without_models(client):
+    assert client.get("/healthz").json() == {"status": "alive", "models_loaded": 0, "models_failed": 0}
+
+
+def test_metrics_count_requests_by_endpoint_model_and_status(client, photos):
+    client.post("/classify?model=lenet5", files={"file": photos["chelsea"].read_bytes()})
+    client.post("/classify?model=lenet5", content=b"x", headers={"content-type": "image/png"})
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    counts = {
+        (s.labels["endpoint"], s.labels["model"], s.labels["status"]): s.value
+        for s in families["cnnserve_requests"].samples
+        if s.name == "cnnserve_requests_total"
+    }
+    assert counts[("/classify", "lenet5", "200")] >= 1
+    assert counts[("/classify", "lenet5", "400")] >= 1
+    latency = families["cnnserve_request_duration_seconds"]
+    assert any(s.name.endswith("_count") and s.labels["endpoint"] == "/classify" for s in latency.samples)
+    loaded = {s.labels["model"]: s.labels["provider"] for s in families["cnnserve_model_loaded"].samples}
+    assert loaded["lenet5"] == "CPUExecutionProvider"
+
+
+def test_openapi_documents_typed_responses(client):
+    schema = client.get("/openapi.json").json()
+    classify = schema["paths"]["/classify"]["post"]
+    assert "multipart/form-data" in classify["requestBody"]["content"]
+    assert classify["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("ClassifyResponse")

@@ -1,0 +1,68 @@
+"""Shared fixtures: the real model repository, real photos, and apps built on them."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from training.photos import sample_photos
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Path]:
+    return sample_photos()
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return MODELS
+
+
+def wait_loaded(client: TestClient, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.app.state.registry.loaded:
+        assert time.monotonic() < deadline, "models never finished loading"
+        time.sleep(0.02)
+
+
+def running_client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        wait_loaded(client)
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[TestClient]:
+    """The real app on the real models/ folder."""
+    yield from running_client(Settings(models_dir=MODELS))
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A scratch model repository holding copies of two small real models."""
+    for name in ("lenet5", "kernels"):
+        shutil.copytree(MODELS / name, tmp_path / name)
+    return tmp_path
+
+
+def spec_of(folder: Path) -> dict:
+    return json.loads((folder / "model.json").read_text())
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

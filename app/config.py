@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_pixels: int = Field(50_000_000, gt=0, description="largest image, width x height, decoded (413 above)")
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
+    featuremaps: bool = Field(
+        True, description="serve /featuremaps and /cam (a second session per model, built lazily)"
+    )
+    max_feature_channels: int = Field(256, ge=1, description="most channels one /featuremaps request returns")
+    max_feature_values: int = Field(1_000_000, ge=1, description="most raw values one JSON feature-map response holds")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -42,6 +42,12 @@ class ImageRejected(ValueError):
 
 def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """Decode, orient, convert, resize, crop and normalise one image into a (1, ...) float32 batch."""
+    return to_tensor(fit(data, spec, max_pixels), spec)
+
+
+def fit(data: bytes, spec: InputSpec, max_pixels: int) -> Image.Image:
+    """The image as the model sees it, before normalisation: decoded, oriented, converted, resized
+    and cropped (the class activation map is drawn over this)."""
     image = open_checked(data, max_pixels)
     draft_for(image, spec)
     try:
@@ -49,7 +55,7 @@ def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageRejected(400, f"the {image.format} image is truncated or corrupt: {error}") from None
-    return to_tensor(geometry(to_colour(image, spec.color), spec), spec)
+    return geometry(to_colour(image, spec.color), spec)
 
 
 def open_checked(data: bytes, max_pixels: int) -> Image.Image:

@@ -19,7 +19,7 @@ from app.config import Settings
 from app.limits import BodyLimit
 from app.metrics import Metrics, MetricsMiddleware
 from app.registry import Registry, load_all
-from app.routes import classify, health, models
+from app.routes import classify, featuremaps, health, models
 
 log = logging.getLogger("cnnserve")
 
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.registry = Registry()
     errors.install(app)
-    for router in (classify.router, models.router, health.router):
+    for router in (classify.router, featuremaps.router, models.router, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

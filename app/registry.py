@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
 from app.runtime import ProviderUnavailable, create_session
 from app.spec import ModelSpec
 
@@ -34,6 +36,8 @@ class LoadedModel:
     path: Path
     load_seconds: float
     executor: ThreadPoolExecutor = field(repr=False)
+    analysis: Analysis = field(default_factory=lambda: Analysis([], None), repr=False)
+    featuremaps: LazyFeatureMaps | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -106,8 +110,26 @@ def load_model(folder: Path, settings: Settings, started: float) -> LoadedModel:
     )
     check_signature(model)
     warm_up(model)
+    if settings.featuremaps:
+        attach_featuremaps(model, onnx_bytes, settings)
     model.load_seconds = time.perf_counter() - started
     return model
+
+
+def attach_featuremaps(model: LoadedModel, onnx_bytes: bytes, settings: Settings) -> None:
+    """Read the graph now (cheap, and /models can say what it offers); build the second session
+    only when first asked, from the file re-read and re-verified then."""
+    try:
+        model.analysis = Analysis.of(onnx.load_from_string(onnx_bytes), model.spec)
+    except Exception as error:  # a graph onnx cannot analyse still classifies
+        log.warning("model %s: no feature maps, the graph could not be analysed: %s", model.name, error)
+        return
+
+    def build() -> FeatureMapSession:
+        proto = onnx.load_from_string(read_verified(model.path / "model.onnx", model.spec.sha256))
+        return FeatureMapSession(proto, model.spec, model.analysis, settings)
+
+    model.featuremaps = LazyFeatureMaps(build)
 
 
 def read_spec(folder: Path) -> ModelSpec:

@@ -34,6 +34,8 @@ class ModelInfo(BaseModel):
     sha256: str | None = None
     load_seconds: float | None = None
     default: bool = False
+    layers: int | None = Field(None, description="layers /featuremaps can show")
+    cam: bool = Field(False, description="whether /cam can draw a class activation map")
 
 
 class ModelList(BaseModel):
@@ -49,3 +51,42 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str | list = Field(description="what was wrong, and what is allowed")
+
+
+class LayerInfo(BaseModel):
+    name: str = Field(description="PyTorch module path where the exporter kept it, else the ONNX node name")
+    operator: str = Field(description="ONNX operator")
+    stage: Literal["convolution", "detector", "pooling", "block"]
+    output_shape: list[int] = Field(description="channels, height, width for one image")
+    input_shape: list[int] | None = None
+    kernel: list[int] | None = None
+    stride: list[int] | None = None
+    padding: list[int] | None = Field(None, description="ONNX order: top, left, bottom, right")
+    dilation: list[int] | None = None
+    groups: int | None = None
+    parameters: int | None = Field(None, description="weights plus biases of a convolution")
+    folded_batchnorm: bool = False
+    predicted_output: list[int] | None = Field(None, description="height, width from (N + 2P - F) / S + 1")
+    formula: str | None = None
+
+
+class LayerList(BaseModel):
+    model: str
+    input_shape: list[int]
+    cam: bool = Field(description="whether /cam can draw a class activation map for this model")
+    layers: list[LayerInfo]
+
+
+class ChannelStats(BaseModel):
+    index: int
+    min: float
+    max: float
+    mean: float
+
+
+class FeatureMapResponse(BaseModel):
+    model: str
+    layer: LayerInfo
+    shape: list[int] = Field(description="the whole layer: channels, height, width")
+    channels: list[ChannelStats]
+    values: list[list[list[float]]] | None = Field(None, description="the chosen channels' maps, with values=true")

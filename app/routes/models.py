@@ -30,6 +30,8 @@ def describe(model: LoadedModel | FailedModel, default_model: str) -> ModelInfo:
         sha256=spec.sha256,
         load_seconds=round(model.load_seconds, 3),
         default=spec.name == default_model,
+        layers=len(model.analysis.layers) if model.featuremaps else 0,
+        cam=model.featuremaps is not None and model.analysis.cam is not None,
     )
 
 

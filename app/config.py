@@ -33,7 +33,13 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA when onnxruntime-gpu and a GPU are there, else CPU; cuda: fail without it"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per inference; 0: the CPUs available")
-    inference_workers: int = Field(1, ge=1, le=64, description="inferences run at once per model")
+    inference_workers: int = Field(1, ge=1, le=64, description="batches run at once per model")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most images joined into one ONNX Runtime call")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="how long a request may wait for company; 0: batch only what is waiting"
+    )
+    max_queue: int = Field(32, ge=1, description="requests waiting per model before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a queued request older than this is dropped (503)")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_pixels: int = Field(50_000_000, gt=0, description="largest image, width x height, decoded (413 above)")
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.batching import DeadlineExceeded, Overloaded
 from app.imaging import ImageRejected
 
 log = logging.getLogger("cnnserve.errors")
@@ -28,6 +29,14 @@ async def image_rejected(request: Request, error: ImageRejected) -> JSONResponse
     return JSONResponse({"detail": error.detail}, status_code=error.status)
 
 
+async def overloaded(request: Request, error: Overloaded) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after)})
+
+
+async def deadline_exceeded(request: Request, error: DeadlineExceeded) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
+
+
 async def unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
@@ -35,4 +44,6 @@ async def unexpected(request: Request, error: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ImageRejected, image_rejected)
+    app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(DeadlineExceeded, deadline_exceeded)
     app.add_exception_handler(Exception, unexpected)

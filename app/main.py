@@ -43,7 +43,7 @@ async def load_models(app: FastAPI) -> None:
     """Load in a worker thread so that /healthz answers, and /readyz says 503, meanwhile."""
     settings: Settings = app.state.settings
     started = time.perf_counter()
-    registry = await asyncio.to_thread(load_all, settings, app.state.registry)
+    registry = await asyncio.to_thread(load_all, settings, app.state.registry, app.state.metrics)
     for model in registry.models.values():
         app.state.metrics.model_loaded.labels(model.name, model.providers[0]).set(1)
     for name in registry.failed:
@@ -67,7 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await loading
-        app.state.registry.close()
+        await app.state.registry.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -34,6 +34,35 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "cnnserve_batch_size",
+            "Images per ONNX Runtime call made by the dynamic batcher.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "cnnserve_queue_duration_seconds",
+            "Time a request waited for its batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "cnnserve_queue_depth", "Requests waiting for a batch, per model.", ["model"], registry=self.registry
+        )
+        self.rejected = Counter(
+            "cnnserve_rejected",
+            "Requests refused with 429 because the model's queue was full.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "cnnserve_dropped",
+            "Queued requests dropped unrun: the client had gone or the deadline passed.",
+            ["model", "reason"],
+            registry=self.registry,
+        )
         self.model_loaded = Gauge(
             "cnnserve_model_loaded",
             "1 for each model served, labelled with the execution provider it got.",

@@ -3,7 +3,6 @@ with a reason that /models shows. One broken folder never stops the others from 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -17,8 +16,10 @@ import onnx
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from app.batching import Batcher
 from app.config import Settings
 from app.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
+from app.metrics import Metrics
 from app.runtime import ProviderUnavailable, create_session
 from app.spec import ModelSpec
 
@@ -38,6 +39,8 @@ class LoadedModel:
     executor: ThreadPoolExecutor = field(repr=False)
     analysis: Analysis = field(default_factory=lambda: Analysis([], None), repr=False)
     featuremaps: LazyFeatureMaps | None = field(default=None, repr=False)
+    batcher: Batcher | None = field(default=None, repr=False)
+    timeout: float = 30.0
 
     @property
     def name(self) -> str:
@@ -52,8 +55,8 @@ class LoadedModel:
         return logits
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run on this model's worker threads, never on the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.run, batch)
+        """Through the dynamic batcher, on this model's worker threads, never on the event loop."""
+        return await self.batcher.infer(batch, self.timeout)
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,19 @@ class Registry:
     failed: dict[str, FailedModel] = field(default_factory=dict)
     loaded: bool = False
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for model in self.models.values():
+            await model.batcher.close()
             model.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def load_all(settings: Settings, registry: Registry) -> Registry:
+def load_all(settings: Settings, registry: Registry, metrics: Metrics) -> Registry:
     """Fill ``registry`` from settings.models_dir, one folder at a time, then mark it loaded."""
     folders = sorted(p for p in settings.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     for folder in folders:
         started = time.perf_counter()
         try:
-            model = load_model(folder, settings, started)
+            model = load_model(folder, settings, metrics, started)
         except ModelRefused as refused:
             registry.failed[folder.name] = FailedModel(folder.name, folder, str(refused))
             log.error("refused model %s: %s", folder.name, refused)
@@ -96,7 +100,7 @@ def load_all(settings: Settings, registry: Registry) -> Registry:
     return registry
 
 
-def load_model(folder: Path, settings: Settings, started: float) -> LoadedModel:
+def load_model(folder: Path, settings: Settings, metrics: Metrics, started: float) -> LoadedModel:
     spec = read_spec(folder)
     onnx_bytes = read_verified(folder / "model.onnx", spec.sha256)
     try:
@@ -105,8 +109,17 @@ def load_model(folder: Path, settings: Settings, started: float) -> LoadedModel:
         raise ModelRefused(str(error)) from None
     except Exception as error:  # ONNX Runtime raises several unrelated types for a bad file
         raise ModelRefused(f"ONNX Runtime cannot load model.onnx: {error}") from error
-    model = LoadedModel(
-        spec, session, folder, 0.0, ThreadPoolExecutor(settings.inference_workers, f"infer-{spec.name}")
+    executor = ThreadPoolExecutor(settings.inference_workers, f"infer-{spec.name}")
+    model = LoadedModel(spec, session, folder, 0.0, executor, timeout=settings.request_timeout_s)
+    model.batcher = Batcher(
+        spec.name,
+        model.run,
+        executor,
+        max_batch=settings.max_batch_size,
+        max_delay=settings.max_queue_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        workers=settings.inference_workers,
+        metrics=metrics,
     )
     check_signature(model)
     warm_up(model)

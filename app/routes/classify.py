@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import numpy as np
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from app import imaging
-from app.deps import IMAGE_BODY, ImageDep, MetricsDep, ModelDep, SettingsDep
+from app.deps import IMAGE_BODY, ImageDep, ModelDep, SettingsDep
 from app.errors import ApiError
 from app.schemas import ClassifyResponse, ErrorBody, Prediction
 
@@ -24,7 +23,8 @@ ERRORS = {
         413: "body or image too large",
         415: "unsupported media type",
         422: "bad parameters",
-        503: "model not ready",
+        429: "the model's queue is full: retry after Retry-After seconds",
+        503: "model not ready, or the request waited past its deadline",
     }.items()
 }
 
@@ -52,14 +52,11 @@ async def classify(
     model: ModelDep,
     image: ImageDep,
     settings: SettingsDep,
-    metrics: MetricsDep,
     top_k_: Annotated[int, Query(alias="top_k", ge=1, description="how many classes (at most the model's)")] = 5,
 ) -> ClassifyResponse:
     if top_k_ > settings.max_top_k:
         raise ApiError(422, f"top_k must be at most {settings.max_top_k}")
     batch = await run_in_threadpool(imaging.prepare, image, model.spec.input, settings.max_pixels)
-    started = time.perf_counter()
     logits = await model.infer(batch)
-    metrics.inference.labels(model.name).observe(time.perf_counter() - started)
     predictions = top_k(logits[0], model.spec.output.kind, top_k_, model.spec.labels)
     return ClassifyResponse(model=model.name, predictions=predictions)

@@ -1,0 +1,185 @@
+"""The dynamic batcher on the real LeNet-5 session: joined calls, right rows back, bounded queue,
+deadlines, clients that hung up, and failures."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from app.batching import Batcher, DeadlineExceeded, Overloaded
+from app.config import Settings
+from app.metrics import Metrics
+from training.data import load_split
+from training.train import normalise
+
+from ..conftest import MODELS, png_bytes, running_client
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    session = ort.InferenceSession(str(MODELS / "lenet5" / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = normalise(load_split("test").images[:16]).numpy()
+    return session, images
+
+
+class Gate:
+    """A model call that records batch sizes and can be held shut to let a queue build up."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.sizes: list[int] = []
+        self.open = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.open.wait(10)
+        self.sizes.append(len(batch))
+        return self.session.run(None, {"input": batch})[0]
+
+
+def batcher(run, **options) -> Batcher:
+    settings = {"max_batch": 8, "max_delay": 0.0, "max_queue": 32, "workers": 1, **options}
+    return Batcher("lenet5", run, ThreadPoolExecutor(1), metrics=Metrics(), **settings)
+
+
+async def release_later(gate: Gate, delay: float = 0.05) -> None:
+    await asyncio.sleep(delay)
+    gate.open.set()
+
+
+def test_concurrent_requests_are_joined_and_each_gets_its_own_row(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+
+    async def scenario():
+        requests = [b.infer(images[i : i + 1], timeout=10) for i in range(9)]
+        results = await asyncio.gather(*requests, release_later(gate))
+        await b.close()
+        return results[:9]
+
+    results = asyncio.run(scenario())
+    expected = session.run(None, {"input": images[:9]})[0]
+    assert sorted(gate.sizes) == [1, 8]  # nine waiting requests: one full batch of eight, then the last
+    for i, row in enumerate(results):
+        assert np.allclose(row, expected[i : i + 1], atol=1e-5)
+
+
+def test_a_full_queue_refuses_at_once_with_a_retry_after(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate, max_queue=3)
+
+    async def scenario():
+        first = asyncio.ensure_future(b.infer(images[:1], timeout=10))
+        await asyncio.sleep(0.01)  # the first is taken; three more fill the queue
+        queued = [asyncio.ensure_future(b.infer(images[:1], timeout=10)) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await b.infer(images[:1], timeout=10)
+        gate.open.set()
+        await asyncio.gather(first, *queued)
+        await b.close()
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.retry_after >= 1
+
+
+def test_requests_whose_client_has_gone_cost_no_inference(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+
+    async def scenario():
+        first = asyncio.ensure_future(b.infer(images[:1], timeout=10))
+        await asyncio.sleep(0.01)
+        gone = [asyncio.ensure_future(b.infer(images[:1], timeout=10)) for _ in range(5)]
+        kept = asyncio.ensure_future(b.infer(images[1:2], timeout=10))
+        await asyncio.sleep(0)
+        for task in gone:
+            task.cancel()
+        gate.open.set()
+        await asyncio.gather(first, kept)
+        await b.close()
+
+    asyncio.run(scenario())
+    assert gate.sizes == [1, 1]
+
+
+def test_a_request_past_its_deadline_is_dropped_unrun(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+
+    async def scenario():
+        first = asyncio.ensure_future(b.infer(images[:1], timeout=10))
+        await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(b.infer(images[:1], timeout=0.01))
+        await asyncio.sleep(0.05)
+        gate.open.set()
+        await first
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await b.close()
+
+    asyncio.run(scenario())
+    assert gate.sizes == [1]
+
+
+def test_a_model_failure_reaches_every_request_in_the_batch():
+    def broken(batch):
+        raise RuntimeError("the model broke")
+
+    b = batcher(broken)
+
+    async def scenario():
+        results = await asyncio.gather(
+            *[b.infer(np.zeros((1, 1, 28, 28), np.float32), 10) for _ in range(3)], return_exceptions=True
+        )
+        await b.close()
+        return results
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(scenario()))
+
+
+def test_a_queue_delay_gathers_requests_that_arrive_close_together(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    gate.open.set()
+    b = batcher(gate, max_delay=0.2)
+
+    async def scenario():
+        async def later(i):
+            await asyncio.sleep(0.02 * i)
+            return await b.infer(images[i : i + 1], timeout=10)
+
+        await asyncio.gather(*[later(i) for i in range(4)])
+        await b.close()
+
+    asyncio.run(scenario())
+    assert gate.sizes == [4]
+
+
+def test_overload_over_http_is_429_with_retry_after(photos):
+    settings = Settings(models_dir=MODELS, default_model="lenet5", max_queue=1, max_batch_size=1)
+    image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
+    for client in running_client(settings):
+        model = client.app.state.registry.models["lenet5"]
+        hold = threading.Event()
+        model.executor.submit(hold.wait, 10)  # the one worker is busy: batches wait, the queue fills
+        with ThreadPoolExecutor(6) as pool:
+            futures = [
+                pool.submit(client.post, "/classify", content=image, headers={"content-type": "image/png"})
+                for _ in range(6)
+            ]
+            threading.Timer(1.0, hold.set).start()
+            responses = [f.result() for f in futures]
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 2
+        too_many = next(r for r in responses if r.status_code == 429)
+        assert int(too_many.headers["retry-after"]) >= 1 and "capacity" in too_many.json()["detail"]
+        assert client.get("/healthz").status_code == 200

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
 
 from app.config import Settings
 
@@ -25,9 +30,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first SIGTERM/SIGINT turns /readyz to 503 and keeps serving for
+    CNNSERVE_DRAIN_SECONDS (so a load balancer stops sending), then shuts down gracefully:
+    requests in flight finish before the process exits. A second signal stops at once."""
 
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.served_app = app
+        self.drain_seconds = drain_seconds
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        already = self.served_app.state.draining
+        self.served_app.state.draining = True
+        if already or self.drain_seconds <= 0:
+            super().handle_exit(sig, frame)
+        else:
+            threading.Timer(self.drain_seconds, super().handle_exit, (sig, frame)).start()
+
+
+def serve(args: argparse.Namespace) -> None:
     overrides = {
         "CNNSERVE_MODELS_DIR": args.models_dir,
         "CNNSERVE_DEFAULT_MODEL": args.default_model,
@@ -36,14 +58,14 @@ def serve(args: argparse.Namespace) -> None:
         "CNNSERVE_PORT": None if args.port is None else str(args.port),
     }
     os.environ.update({key: value for key, value in overrides.items() if value is not None})
+    from app.main import create_app
+
     settings = Settings()
-    uvicorn.run(
-        "app.main:app",
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
     )
+    DrainingServer(config, app, settings.drain_seconds).run()
 
 
 def main(argv: list[str] | None = None) -> None:

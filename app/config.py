@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, computed_field
+from pydantic import Field, SecretStr, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,9 +48,20 @@ class Settings(BaseSettings):
     )
     max_feature_channels: int = Field(256, ge=1, description="most channels one /featuremaps request returns")
     max_feature_values: int = Field(1_000_000, ge=1, description="most raw values one JSON feature-map response holds")
+    api_key: SecretStr | None = Field(
+        None, description="when set, every endpoint but the probes needs 'Authorization: Bearer KEY' or 'X-API-Key'"
+    )
+    cors_origins: str = Field("", description="comma-separated origins allowed to call from browsers; * for any")
+    drain_seconds: float = Field(
+        0.0, ge=0, le=300, description="after SIGTERM: answer /readyz 503 this long, still serving, before stopping"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @computed_field
     @cached_property

@@ -14,6 +14,7 @@ from app.registry import LoadedModel, Registry
 from app.spec import NAME_PATTERN
 
 MULTIPART_MAX_FIELDS = 8
+MULTIPART_MAX_FIELD_BYTES = 64 * 1024  # for text fields; the file part is bounded by the body limit
 OCTET_STREAM = "application/octet-stream"
 
 
@@ -67,7 +68,8 @@ async def image_bytes(request: Request) -> bytes:
         return await request.body()
     if media != "multipart/form-data":
         raise _unsupported(media)
-    async with request.form(max_files=1, max_fields=MULTIPART_MAX_FIELDS) as form:
+    form_limits = {"max_files": 1, "max_fields": MULTIPART_MAX_FIELDS, "max_part_size": MULTIPART_MAX_FIELD_BYTES}
+    async with request.form(**form_limits) as form:
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(422, "the multipart body needs a file part named 'file'")

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.batching import DeadlineExceeded, Overloaded
+from app.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
 from app.imaging import ImageRejected
 
 log = logging.getLogger("cnnserve.errors")
@@ -37,6 +38,10 @@ async def deadline_exceeded(request: Request, error: DeadlineExceeded) -> JSONRe
     return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
 
 
+async def client_gone(request: Request, error: ClientGone) -> JSONResponse:
+    return JSONResponse({"detail": "the client closed the connection"}, status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
@@ -46,4 +51,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ImageRejected, image_rejected)
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(DeadlineExceeded, deadline_exceeded)
+    app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(Exception, unexpected)

@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import errors
+from app.access import ApiKey
 from app.config import Settings
 from app.limits import BodyLimit
 from app.metrics import Metrics, MetricsMiddleware
@@ -77,10 +79,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.registry = Registry()
+    app.state.draining = False
     errors.install(app)
     for router in (classify.router, featuremaps.router, models.router, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=[
+                "Retry-After",
+                "X-Layer",
+                "X-Shape",
+                "X-Channels",
+                "X-Class-Index",
+                "X-Class-Label",
+                "X-Class-Score",
+            ],
+        )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 

@@ -103,8 +103,10 @@ def load_all(settings: Settings, registry: Registry, metrics: Metrics) -> Regist
 def load_model(folder: Path, settings: Settings, metrics: Metrics, started: float) -> LoadedModel:
     spec = read_spec(folder)
     onnx_bytes = read_verified(folder / "model.onnx", spec.sha256)
+    proto = parse_onnx(onnx_bytes)
+    external = check_external_data(proto, folder)
     try:
-        session = create_session(onnx_bytes, settings)
+        session = create_session(str(folder / "model.onnx") if external else onnx_bytes, settings)
     except ProviderUnavailable as error:
         raise ModelRefused(str(error)) from None
     except Exception as error:  # ONNX Runtime raises several unrelated types for a bad file
@@ -124,23 +126,50 @@ def load_model(folder: Path, settings: Settings, metrics: Metrics, started: floa
     check_signature(model)
     warm_up(model)
     if settings.featuremaps:
-        attach_featuremaps(model, onnx_bytes, settings)
+        attach_featuremaps(model, proto, settings)
     model.load_seconds = time.perf_counter() - started
     return model
 
 
-def attach_featuremaps(model: LoadedModel, onnx_bytes: bytes, settings: Settings) -> None:
+def parse_onnx(content: bytes) -> onnx.ModelProto:
+    try:
+        return onnx.load_from_string(content)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise ModelRefused(f"model.onnx is not a valid ONNX model: {error}") from None
+
+
+def check_external_data(proto: onnx.ModelProto, folder: Path) -> bool:
+    """Whether weights live in external files; refuse any that would be read from outside the
+    model's folder (absolute paths, '..', symbolic links out)."""
+    root = folder.resolve()
+    external = False
+    for tensor in proto.graph.initializer:
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        external = True
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
+            raise ModelRefused(f"external data {location!r} of tensor {tensor.name!r} lies outside the model folder")
+        if not target.is_file():
+            raise ModelRefused(f"external data file {location!r} of tensor {tensor.name!r} is missing")
+    return external
+
+
+def attach_featuremaps(model: LoadedModel, proto: onnx.ModelProto, settings: Settings) -> None:
     """Read the graph now (cheap, and /models can say what it offers); build the second session
     only when first asked, from the file re-read and re-verified then."""
     try:
-        model.analysis = Analysis.of(onnx.load_from_string(onnx_bytes), model.spec)
+        model.analysis = Analysis.of(proto, model.spec)
     except Exception as error:  # a graph onnx cannot analyse still classifies
         log.warning("model %s: no feature maps, the graph could not be analysed: %s", model.name, error)
         return
 
     def build() -> FeatureMapSession:
-        proto = onnx.load_from_string(read_verified(model.path / "model.onnx", model.spec.sha256))
-        return FeatureMapSession(proto, model.spec, model.analysis, settings)
+        fresh = onnx.load_from_string(read_verified(model.path / "model.onnx", model.spec.sha256))
+        if check_external_data(fresh, model.path):
+            onnx.external_data_helper.load_external_data_for_model(fresh, str(model.path))
+        return FeatureMapSession(fresh, model.spec, model.analysis, settings)
 
     model.featuremaps = LazyFeatureMaps(build)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from app import imaging
 from app.deps import IMAGE_BODY, ImageDep, ModelDep, SettingsDep
+from app.disconnect import unless_disconnected
 from app.errors import ApiError
 from app.schemas import ClassifyResponse, ErrorBody, Prediction
 
@@ -49,6 +50,7 @@ def top_k(logits: np.ndarray, kind: str, k: int, labels: list[str]) -> list[Pred
     summary="Classify an image: top-k labels with scores",
 )
 async def classify(
+    request: Request,
     model: ModelDep,
     image: ImageDep,
     settings: SettingsDep,
@@ -57,6 +59,6 @@ async def classify(
     if top_k_ > settings.max_top_k:
         raise ApiError(422, f"top_k must be at most {settings.max_top_k}")
     batch = await run_in_threadpool(imaging.prepare, image, model.spec.input, settings.max_pixels)
-    logits = await model.infer(batch)
+    logits = await unless_disconnected(request, model.infer(batch))
     predictions = top_k(logits[0], model.spec.output.kind, top_k_, model.spec.labels)
     return ClassifyResponse(model=model.name, predictions=predictions)

@@ -3,7 +3,7 @@ loaded, hash-verified and warmed."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -19,14 +19,21 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}}, summary="Ready for traffic")
-async def readyz(registry: RegistryDep, settings: SettingsDep) -> Response:
-    ready = registry.loaded and settings.default_model in registry.models
+async def readyz(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+    draining = request.app.state.draining
+    ready = registry.loaded and settings.default_model in registry.models and not draining
     body = Health(
-        status="ready" if ready else ("loading" if not registry.loaded else "default model unavailable"),
+        status="ready" if ready else readiness_problem(registry, draining),
         models_loaded=len(registry.models),
         models_failed=len(registry.failed),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def readiness_problem(registry, draining: bool) -> str:
+    if draining:
+        return "draining: shutting down"
+    return "loading" if not registry.loaded else "default model unavailable"
 
 
 @router.get("/metrics", summary="Prometheus text format", response_class=Response)

@@ -80,7 +80,7 @@ REASONS = {
     "bad_json": "not valid JSON",
     "missing_onnx": "model.onnx is missing",
     "hash_mismatch": "sha256",
-    "corrupt_onnx": "cannot load",
+    "corrupt_onnx": "not a valid ONNX model",
     "shape_lie": "3 labels",
     "wrong_input_name": "'pixels'",
     "schema_violation": "schema",

@@ -1,0 +1,269 @@
+"""The throughput benchmark: this service against bare ONNX Runtime (the limit) and a plain
+FastAPI + ONNX Runtime peer written the tutorial way, on the same model files, under the same
+load generator (wrk), in one run. Prints a table of ratios and writes the numbers to JSON.
+
+    python -m bench.run --seconds 8 --connections 1,8,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+LUA = Path(__file__).resolve().parent / "post.lua"
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    model: str
+    filename: str
+    media_type: str
+
+
+WORKLOADS = [
+    Workload("small_jpeg", "small JPEG (451x300)", "efficientnet_lite0", "small.jpg", "image/jpeg"),
+    Workload("big_jpeg", "12-megapixel JPEG", "efficientnet_lite0", "big.jpg", "image/jpeg"),
+    Workload("lenet_png", "28x28 PNG on LeNet-5", "lenet5", "lenet.png", "image/png"),
+]
+
+
+def make_inputs(folder: Path) -> None:
+    """Real photos: scikit-image's chelsea as a JPEG, the same upscaled to 12 megapixels, and a
+    Fashion-MNIST test image as a PNG."""
+    import skimage.data
+
+    from training.data import load_split
+
+    chelsea = Image.open(Path(skimage.data.__file__).parent / "chelsea.png").convert("RGB")
+    chelsea.save(folder / "small.jpg", quality=90)
+    chelsea.resize((4240, 2832), Image.Resampling.BICUBIC).save(folder / "big.jpg", quality=90)
+    Image.fromarray(load_split("test").images[0]).save(folder / "lenet.png")
+
+
+def bare_limit(model: str, seconds: float) -> dict:
+    """Images/s of the model alone, in-process, at batch 1 and at the best of several batch sizes."""
+    spec = json.loads((MODELS / model / "model.json").read_text())
+    session = ort.InferenceSession(str(MODELS / model / "model.onnx"), providers=["CPUExecutionProvider"])
+    i = spec["input"]
+    rates = {}
+    for batch in (1, 2, 4, 8, 16, 32):
+        x = np.random.default_rng(0).standard_normal((batch, 1 if i["color"] == "L" else 3, i["height"], i["width"]))
+        x = x.astype(np.float32)
+        session.run(None, {i["name"]: x})
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 6:
+            session.run(None, {i["name"]: x})
+            runs += 1
+        rates[batch] = runs * batch / (time.perf_counter() - started)
+    best = max(rates, key=rates.get)
+    return {"batch1": rates[1], "best_batch": best, "best": rates[best], "by_batch": rates}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], env: dict, ready_url: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2):
+                return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{command} never became ready")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wrk(url: str, file: Path, media_type: str, connections: int, seconds: float) -> dict:
+    env = {**os.environ, "BENCH_FILE": str(file), "BENCH_TYPE": media_type}
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(LUA),
+        url,
+    ]
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["errors"] = sum(
+        result[k] for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts")
+    )
+    return result
+
+
+def measure(server: str, url_for, inputs: Path, workloads, connections, seconds, bar) -> dict:
+    results = {}
+    for w in workloads:
+        url = url_for(w)
+        wrk(url, inputs / w.filename, w.media_type, 2, 1.0)  # warm-up
+        for c in connections:
+            bar.set_description(f"{server}: {w.key} at {c} connections")
+            results[(w.key, c)] = wrk(url, inputs / w.filename, w.media_type, c, seconds)
+            bar.update(1)
+    return results
+
+
+def run_peer(inputs, workloads, connections, seconds, bar) -> dict:
+    results = {}
+    for model in dict.fromkeys(w.model for w in workloads):
+        port = free_port()
+        peer = start(
+            [sys.executable, "-m", "uvicorn", "bench.peer:app", "--port", str(port), "--log-level", "warning"],
+            {"PEER_MODEL": model},
+            f"http://127.0.0.1:{port}/docs",
+        )
+        try:
+            mine = [w for w in workloads if w.model == model]
+            results |= measure(
+                "peer", lambda w, p=port: f"http://127.0.0.1:{p}/predict", inputs, mine, connections, seconds, bar
+            )
+        finally:
+            stop(peer)
+    return results
+
+
+def run_service(inputs, workloads, connections, seconds, bar, env: dict) -> tuple[dict, dict]:
+    port = free_port()
+    service = start(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        {"CNNSERVE_LOG_LEVEL": "warning", **env},
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    try:
+        memory = {"ready_mb": rss_mb(service.pid)}
+        url = lambda w: f"http://127.0.0.1:{port}/classify?model={w.model}"  # noqa: E731
+        results = measure("cnnserve", url, inputs, workloads, connections, seconds, bar)
+        memory["after_mb"] = rss_mb(service.pid)
+        memory["requests"] = sum(r["requests"] for r in results.values())
+    finally:
+        stop(service)
+    return results, memory
+
+
+def table(workloads, connections, limits, peer, ours) -> str:
+    head = (
+        f"{'workload':<24}{'conns':>6}{'limit/s':>9}{'peer req/s':>11}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'ours req/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'x limit':>8}{'x peer':>8}{'errors':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for w in workloads:
+        limit = limits[w.model]["batch1"]
+        for c in connections:
+            p, o = peer[(w.key, c)], ours[(w.key, c)]
+            lines.append(
+                f"{w.title:<24}{c:>6}{limit:>9.0f}{p['rps']:>11.1f}{p['p50_us'] / 1e3:>8.1f}{p['p99_us'] / 1e3:>8.1f}"
+                f"{o['rps']:>11.1f}{o['p50_us'] / 1e3:>8.1f}{o['p99_us'] / 1e3:>8.1f}{o['rps'] / limit:>8.2f}"
+                f"{o['rps'] / p['rps']:>8.2f}{p['errors']:>4}/{o['errors']:<3}"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each load run")
+    parser.add_argument("--connections", default="1,8,32", help="comma-separated concurrent connections")
+    parser.add_argument("--workloads", default=",".join(w.key for w in WORKLOADS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="CNNSERVE_X=V",
+        help="a setting for this service's run (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("error: wrk not found; install it: apt-get install wrk")
+    connections = [int(c) for c in args.connections.split(",")]
+    workloads = [w for w in WORKLOADS if w.key in args.workloads.split(",")]
+    env = dict(item.split("=", 1) for item in args.env)
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs = Path(scratch)
+        make_inputs(inputs)
+        limits = {m: bare_limit(m, 3.0) for m in dict.fromkeys(w.model for w in workloads)}
+        with tqdm(total=2 * len(workloads) * len(connections), unit="run") as bar:
+            peer = run_peer(inputs, workloads, connections, args.seconds, bar)
+            ours, memory = run_service(inputs, workloads, connections, args.seconds, bar, env)
+    print()
+    for model, limit in limits.items():
+        print(
+            f"bare ONNX Runtime, {model}: batch 1 {limit['batch1']:.0f} images/s; "
+            f"best batch {limit['best_batch']}: {limit['best']:.0f} images/s"
+        )
+    print(table(workloads, connections, limits, peer, ours))
+    print(
+        f"cnnserve resident memory: {memory['ready_mb']:.0f} MB when ready, {memory['after_mb']:.0f} MB after "
+        f"{memory['requests']} requests"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
+        "settings": env,
+        "seconds": args.seconds,
+        "limits": limits,
+        "memory": memory,
+        "runs": [
+            {"server": server, "workload": key, "connections": c, **result}
+            for server, results in (("peer", peer), ("cnnserve", ours))
+            for (key, c), result in results.items()
+        ],
+    }
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

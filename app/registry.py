@@ -126,6 +126,8 @@ def load_model(folder: Path, settings: Settings, metrics: Metrics, started: floa
     check_signature(model)
     warm_up(model)
     if settings.featuremaps:
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
         attach_featuremaps(model, proto, settings)
     model.load_seconds = time.perf_counter() - started
     return model

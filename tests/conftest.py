@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def wait_loaded(client: TestClient, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+@contextmanager
 def running_client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as client:
         wait_loaded(client)
@@ -47,7 +49,8 @@ def running_client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def client() -> Iterator[TestClient]:
     """The real app on the real models/ folder."""
-    yield from running_client(Settings(models_dir=MODELS))
+    with running_client(Settings(models_dir=MODELS)) as client:
+        yield client
 
 
 @pytest.fixture

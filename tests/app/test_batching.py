@@ -167,7 +167,7 @@ def test_a_queue_delay_gathers_requests_that_arrive_close_together(lenet):
 def test_overload_over_http_is_429_with_retry_after(photos):
     settings = Settings(models_dir=MODELS, default_model="lenet5", max_queue=1, max_batch_size=1)
     image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
-    for client in running_client(settings):
+    with running_client(settings) as client:
         model = client.app.state.registry.models["lenet5"]
         hold = threading.Event()
         model.executor.submit(hold.wait, 10)  # the one worker is busy: batches wait, the queue fills

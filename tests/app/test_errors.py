@@ -26,7 +26,8 @@ def png_claiming(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def small_limits():
-    yield from running_client(Settings(models_dir=MODELS, max_body_bytes=50_000, max_pixels=1_000_000))
+    with running_client(Settings(models_dir=MODELS, max_body_bytes=50_000, max_pixels=1_000_000)) as client:
+        yield client
 
 
 def assert_error(response, status: int, *words: str) -> None:

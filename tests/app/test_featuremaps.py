@@ -204,7 +204,7 @@ def test_too_many_values_are_refused_with_advice(client, photos):
     )
     assert response.status_code == 200
     small = Settings(models_dir=MODELS, max_feature_values=1000)
-    for limited in running_client(small):
+    with running_client(small) as limited:
         refused = limited.post(
             "/featuremaps?model=kernels&format=json&values=true", files={"file": photos["chelsea"].read_bytes()}
         )
@@ -255,7 +255,7 @@ def unnamed_model(folder) -> None:
 
 def test_a_third_party_model_with_unnamed_layers_lists_and_renders(tmp_path, photos):
     unnamed_model(tmp_path / "converted")
-    for client in running_client(Settings(models_dir=tmp_path, default_model="converted")):
+    with running_client(Settings(models_dir=tmp_path, default_model="converted")) as client:
         layers = layers_of(client, "converted")
         assert [(layer["name"], layer["stage"]) for layer in layers] == [
             ("Conv_0", "convolution"),

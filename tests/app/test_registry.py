@@ -100,7 +100,8 @@ def broken_repo(tmp_path_factory):
         rewrite_spec(root / name, name=name)
         breakage(root / name)
     third_party_model(root / "someone_elses")
-    yield from running_client(Settings(models_dir=root, default_model="lenet5"))
+    with running_client(Settings(models_dir=root, default_model="lenet5")) as client:
+        yield client
 
 
 @pytest.mark.parametrize("name", sorted(BREAKAGES))
@@ -130,7 +131,7 @@ def test_a_third_party_model_serves_its_probabilities_as_they_are(broken_repo, p
 
 
 def test_readiness_is_503_while_the_default_model_is_missing(repo_copy):
-    for client in running_client(Settings(models_dir=repo_copy, default_model="absent")):
+    with running_client(Settings(models_dir=repo_copy, default_model="absent")) as client:
         response = client.get("/readyz")
         assert response.status_code == 503
         assert response.json()["status"] == "default model unavailable"

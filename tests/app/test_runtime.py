@@ -27,7 +27,7 @@ def test_demanding_cuda_without_it_raises_with_advice():
 
 
 def test_demanded_cuda_on_a_cpu_machine_refuses_the_models_visibly(repo_copy):
-    for client in running_client(Settings(models_dir=repo_copy, default_model="lenet5", providers="cuda")):
+    with running_client(Settings(models_dir=repo_copy, default_model="lenet5", providers="cuda")) as client:
         info = client.get("/models/lenet5").json()
         assert info["status"] == "failed" and "CUDA" in info["reason"]
         assert client.get("/readyz").status_code == 503

@@ -1,0 +1,245 @@
+"""Untrusted input, abandoned requests, access control, hostile model folders and shutdown."""
+
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.config import Settings
+from app.main import create_app
+
+from ..conftest import MODELS, ROOT, running_client, spec_of
+from .test_server import free_port
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    with running_client(Settings(models_dir=MODELS, api_key=KEY, cors_origins="https://app.example")) as client:
+        yield client
+
+
+def test_without_the_api_key_requests_are_401(guarded, photos):
+    response = guarded.post("/classify", files={"file": photos["chelsea"].read_bytes()})
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert "API key" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}])
+def test_the_api_key_opens_the_api(guarded, photos, headers):
+    assert guarded.post("/classify", files={"file": photos["chelsea"].read_bytes()}, headers=headers).status_code == 200
+
+
+def test_a_wrong_api_key_is_401(guarded):
+    assert guarded.get("/models", headers={"X-API-Key": KEY + "x"}).status_code == 401
+    assert guarded.get("/metrics").status_code == 401
+
+
+def test_probes_need_no_api_key(guarded):
+    assert guarded.get("/healthz").status_code == 200 and guarded.get("/readyz").status_code == 200
+
+
+def test_cors_allows_the_configured_origin_only(guarded):
+    preflight = {"Access-Control-Request-Method": "POST"}
+    allowed = guarded.options("/classify", headers={"Origin": "https://app.example", **preflight})
+    other = guarded.options("/classify", headers={"Origin": "https://evil.example", **preflight})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def dropped(client, reason: str) -> float:
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return sum(
+        s.value
+        for s in families["cnnserve_dropped"].samples
+        if s.name.endswith("_total") and s.labels["reason"] == reason
+    )
+
+
+def test_a_client_that_hangs_up_costs_no_inference(photos):
+    """Drive the ASGI app directly so the connection can 'close' while the request is queued
+    behind a batch that is held running."""
+    settings = Settings(models_dir=MODELS, default_model="lenet5")
+    image = photos["chelsea"].read_bytes()
+    with running_client(settings) as client:
+        app = client.app
+        model = app.state.registry.models["lenet5"]
+        hold, ran = threading.Event(), []
+        original = model.batcher.run
+
+        def held_run(batch):
+            ran.append(len(batch))
+            hold.wait(10)
+            return original(batch)
+
+        model.batcher.run = held_run
+        first = threading.Thread(
+            target=client.post, args=("/classify",), kwargs={"content": image, "headers": {"content-type": "image/png"}}
+        )
+        first.start()
+        while not ran:
+            time.sleep(0.01)
+
+        async def hang_up() -> list[dict]:
+            gone = asyncio.Event()
+            messages = iter([{"type": "http.request", "body": image, "more_body": False}])
+
+            async def receive():
+                message = next(messages, None)
+                if message is not None:
+                    return message
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/classify",
+                "raw_path": b"/classify",
+                "query_string": b"",
+                "headers": [(b"content-type", b"image/png"), (b"host", b"test")],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 80),
+                "root_path": "",
+                "state": {},
+            }
+            request = asyncio.ensure_future(app(scope, receive, send))
+            await asyncio.sleep(0.3)
+            gone.set()
+            await request
+            return sent
+
+        sent = client.portal.call(hang_up)
+        hold.set()
+        first.join()
+        assert sent[0]["status"] == 499
+        assert ran == [1]  # only the first request ran; the abandoned one was dropped from the queue
+        assert dropped(client, "client gone") == 1
+
+
+def external_data_model(folder, location: str) -> None:
+    shutil.copytree(MODELS / "lenet5", folder)
+    model = onnx.load(folder / "model.onnx")
+    onnx.save(
+        model,
+        folder / "model.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=1024,
+    )
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, folder / "model.onnx")
+    import hashlib
+
+    spec = {
+        **spec_of(folder),
+        "name": folder.name,
+        "sha256": hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest(),
+    }
+    (folder / "model.json").write_text(json.dumps(spec))
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, photos):
+    external_data_model(tmp_path / "inside", "weights.bin")
+    external_data_model(tmp_path / "escaping", "../inside/weights.bin")
+    with running_client(Settings(models_dir=tmp_path, default_model="inside")) as client:
+        escaping = client.get("/models/escaping").json()
+        assert escaping["status"] == "failed" and "outside the model folder" in escaping["reason"]
+        assert client.post("/classify?model=inside", files={"file": photos["chelsea"].read_bytes()}).status_code == 200
+        layers = client.get("/models/inside/layers")
+        assert layers.status_code == 200 and layers.json()["layers"][0]["output_shape"] == [6, 28, 28]
+
+
+def test_sigterm_drains_then_exits_without_failing_accepted_requests(photos):
+    port = free_port()
+    env = {
+        **os.environ,
+        "CNNSERVE_PORT": str(port),
+        "CNNSERVE_DRAIN_SECONDS": "1.5",
+        "CNNSERVE_DEFAULT_MODEL": "lenet5",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    image = photos["coffee"].read_bytes()
+
+    def request(method: str, path: str, body: bytes | None = None) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers={"content-type": "image/png"} if body else {})
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if request("GET", "/readyz") == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and server.poll() is None
+        time.sleep(0.1)
+
+    results, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                results.append((sent, request("POST", "/classify?model=efficientnet_lite0", image)))
+            except OSError:
+                results.append((sent, "refused"))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    signalled = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    readiness_during_drain = request("GET", "/readyz")
+    server.wait(timeout=60)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    before = [status for sent, status in results if sent < signalled]
+    assert readiness_during_drain == 503
+    assert len(before) > 4 and set(before) == {200}
+    assert np.isin(server.returncode, [0, -signal.SIGTERM])
+
+
+def test_the_app_answers_probes_while_models_load(tmp_path):
+    shutil.copytree(MODELS / "efficientnet_lite0", tmp_path / "efficientnet_lite0")
+    app = create_app(Settings(models_dir=tmp_path))
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code in (200, 503)

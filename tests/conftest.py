@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,3 +75,47 @@ def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert process.poll() is None, "the server exited before it was ready"
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.1)
+
+
+@contextmanager
+def live_server(output: int = subprocess.DEVNULL, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``python -m app serve`` process on a free loopback port, ready when yielded and
+    stopped with SIGTERM (if the test has not stopped it already) afterwards."""
+    port = free_port()
+    environment = {**os.environ, "CNNSERVE_PORT": str(port), "PYTHONUNBUFFERED": "1", **env}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve"],
+        cwd=ROOT,
+        env=environment,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)

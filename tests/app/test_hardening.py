@@ -3,11 +3,8 @@
 import asyncio
 import http.client
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.main import create_app
 
-from ..conftest import MODELS, ROOT, running_client, spec_of
-from .test_server import free_port
+from ..conftest import MODELS, live_server, running_client, spec_of
 
 KEY = "s3cret-key"
 
@@ -177,62 +173,44 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, photos):
 
 
 def test_sigterm_drains_then_exits_without_failing_accepted_requests(photos):
-    port = free_port()
-    env = {
-        **os.environ,
-        "CNNSERVE_PORT": str(port),
-        "CNNSERVE_DRAIN_SECONDS": "1.5",
-        "CNNSERVE_DEFAULT_MODEL": "lenet5",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     image = photos["coffee"].read_bytes()
+    with live_server(CNNSERVE_DRAIN_SECONDS="1.5", CNNSERVE_DEFAULT_MODEL="lenet5") as (url, server):
+        port = int(url.rsplit(":", 1)[1])
 
-    def request(method: str, path: str, body: bytes | None = None) -> int:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers={"content-type": "image/png"} if body else {})
-            return connection.getresponse().status
-        finally:
-            connection.close()
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if request("GET", "/readyz") == 200:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline and server.poll() is None
-        time.sleep(0.1)
-
-    results, stop = [], threading.Event()
-
-    def load():
-        while not stop.is_set():
-            sent = time.monotonic()
+        def request(method: str, path: str, body: bytes | None = None) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             try:
-                results.append((sent, request("POST", "/classify?model=efficientnet_lite0", image)))
-            except OSError:
-                results.append((sent, "refused"))
+                connection.request(method, path, body=body, headers={"content-type": "image/png"} if body else {})
+                return connection.getresponse().status
+            finally:
+                connection.close()
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    signalled = time.monotonic()
-    server.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    readiness_during_drain = request("GET", "/readyz")
-    server.wait(timeout=60)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    before = [status for sent, status in results if sent < signalled]
-    assert readiness_during_drain == 503
-    assert len(before) > 4 and set(before) == {200}
-    assert np.isin(server.returncode, [0, -signal.SIGTERM])
+        results, stop = [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    results.append((sent, request("POST", "/classify?model=efficientnet_lite0", image)))
+                except OSError:
+                    results.append((sent, "refused"))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        readiness_during_drain = request("GET", "/readyz")
+        server.wait(timeout=60)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        before = [status for sent, status in results if sent < signalled]
+        assert readiness_during_drain == 503
+        assert len(before) > 4 and set(before) == {200}
+        assert np.isin(server.returncode, [0, -signal.SIGTERM])
 
 
 def test_the_app_answers_probes_while_models_load(tmp_path):

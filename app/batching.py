@@ -69,7 +69,8 @@ class Batcher:
         self.seconds_per_batch = 0.05  # refined by measurement; sizes Retry-After
 
     async def infer(self, batch: np.ndarray, timeout: float) -> np.ndarray:
-        """The model's output for ``batch`` (one image), run in some batch with others."""
+        """The model's output for ``batch`` (one image, or several from the V2 protocol), run in
+        some batch with others."""
         self._start()
         if len(self.queue) >= self.max_queue:
             self.metrics.rejected.labels(self.name).inc()
@@ -112,9 +113,10 @@ class Batcher:
                 await self._run(loop, taken)
 
     def _take(self) -> list[Pending]:
-        """Up to max_batch live requests; the gone and the expired are dropped here, unrun."""
-        taken, now = [], time.perf_counter()
-        while self.queue and len(taken) < self.max_batch:
+        """Live requests up to max_batch images (a larger request runs alone); the gone and the
+        expired are dropped here, unrun."""
+        taken, images, now = [], 0, time.perf_counter()
+        while self.queue and (not taken or images + len(self.queue[0].batch) <= self.max_batch):
             pending = self.queue.popleft()
             if pending.future.done():
                 self.metrics.dropped.labels(self.name, "client gone").inc()
@@ -124,6 +126,7 @@ class Batcher:
             else:
                 self.metrics.queue_seconds.labels(self.name).observe(now - pending.queued)
                 taken.append(pending)
+                images += len(pending.batch)
         self.metrics.queue_depth.labels(self.name).set(len(self.queue))
         return taken
 
@@ -140,7 +143,10 @@ class Batcher:
         elapsed = time.perf_counter() - started
         self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * elapsed
         self.metrics.inference.labels(self.name).observe(elapsed)
-        self.metrics.batch_size.labels(self.name).observe(len(taken))
-        for i, pending in enumerate(taken):
+        self.metrics.batch_size.labels(self.name).observe(len(batch))
+        start = 0
+        for pending in taken:
+            end = start + len(pending.batch)
             if not pending.future.done():
-                pending.future.set_result(output[i : i + 1])
+                pending.future.set_result(output[start:end])
+            start = end

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from app.batching import DeadlineExceeded, Overloaded
 from app.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
 from app.imaging import ImageRejected
+from app.v2 import V2Error
 
 log = logging.getLogger("cnnserve.errors")
 
@@ -42,6 +43,10 @@ async def client_gone(request: Request, error: ClientGone) -> JSONResponse:
     return JSONResponse({"detail": "the client closed the connection"}, status_code=CLIENT_CLOSED_REQUEST)
 
 
+async def v2_error(request: Request, error: V2Error) -> JSONResponse:
+    return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
+
+
 async def unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
@@ -52,4 +57,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(DeadlineExceeded, deadline_exceeded)
     app.add_exception_handler(ClientGone, client_gone)
+    app.add_exception_handler(V2Error, v2_error)
     app.add_exception_handler(Exception, unexpected)

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.limits import BodyLimit
 from app.metrics import Metrics, MetricsMiddleware
 from app.registry import Registry, load_all
-from app.routes import classify, featuremaps, health, models
+from app.routes import classify, featuremaps, health, models, v2
 
 log = logging.getLogger("cnnserve")
 
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = Registry()
     app.state.draining = False
     errors.install(app)
-    for router in (classify.router, featuremaps.router, models.router, health.router):
+    for router in (classify.router, featuremaps.router, models.router, health.router, v2.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:

@@ -68,6 +68,27 @@ def test_concurrent_requests_are_joined_and_each_gets_its_own_row(lenet):
         assert np.allclose(row, expected[i : i + 1], atol=1e-5)
 
 
+def test_requests_of_several_images_share_batches_up_to_the_image_limit(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+
+    async def scenario():
+        requests = [
+            b.infer(images[0:3], timeout=10),
+            b.infer(images[3:8], timeout=10),
+            b.infer(images[8:10], timeout=10),
+        ]
+        results = await asyncio.gather(*requests, release_later(gate))
+        await b.close()
+        return results[:3]
+
+    results = asyncio.run(scenario())
+    expected = session.run(None, {"input": images[:10]})[0]
+    assert sorted(gate.sizes) == [2, 8]  # 3 + 5 images fill one batch of eight; the pair of two waits
+    assert np.allclose(np.concatenate(results), expected, atol=1e-5)
+
+
 def test_a_full_queue_refuses_at_once_with_a_retry_after(lenet):
     session, images = lenet
     gate = Gate(session)

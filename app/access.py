@@ -1,5 +1,6 @@
 """Optional API-key authentication: off unless CNNSERVE_API_KEY is set. The probes stay open so
-that orchestrators need no secret; keys are compared in constant time."""
+that orchestrators need no secret, and so does the web page (it holds none: the person using it
+types the key); keys are compared in constant time."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+OPEN_PREFIX = "/static/"
 
 
 class ApiKey:
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app = app
         self.key = key.encode()
+
+    @staticmethod
+    def open(scope: Scope) -> bool:
+        path = scope["path"]
+        return path in OPEN_PATHS or path.startswith(OPEN_PREFIX) or scope["method"] == "OPTIONS"
 
     def presented(self, scope: Scope) -> bytes | None:
         headers = dict(scope["headers"])
@@ -24,7 +31,12 @@ class ApiKey:
         return token.strip() if scheme.lower() == b"bearer" else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if (
+            scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or scope["path"].startswith(OPEN_PREFIX)
+            or scope["method"] == "OPTIONS"
+        ):
             await self.app(scope, receive, send)
             return
         presented = self.presented(scope)

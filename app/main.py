@@ -21,7 +21,7 @@ from app.config import Settings
 from app.limits import BodyLimit
 from app.metrics import Metrics, MetricsMiddleware
 from app.registry import Registry, load_all
-from app.routes import classify, featuremaps, health, models, v2
+from app.routes import classify, featuremaps, health, models, page, v2
 
 log = logging.getLogger("cnnserve")
 
@@ -81,8 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = Registry()
     app.state.draining = False
     errors.install(app)
-    for router in (classify.router, featuremaps.router, models.router, health.router, v2.router):
+    for router in (classify.router, featuremaps.router, models.router, health.router, v2.router, page.router):
         app.include_router(router)
+    app.mount("/static", page.static_files, name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())

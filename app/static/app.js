@@ -1,0 +1,148 @@
+"use strict";
+// The cnnserve page: one photo, one model, the top 5 as bars, then the layers one by one.
+// Plain DOM and fetch, no framework and no CDN, so it works offline and loads fast on a phone.
+
+const $ = (id) => document.getElementById(id);
+const MAX_CHANNELS_SHOWN = 16;
+const state = { photo: null, models: {}, layers: [], urls: {} };
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function say(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function call(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail || body);
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response;
+}
+
+function photoForm() {
+  const form = new FormData();
+  form.append("file", state.photo, state.photo.name || "photo");
+  return form;
+}
+
+function showImage(img, key, blob) {
+  if (state.urls[key]) URL.revokeObjectURL(state.urls[key]);
+  state.urls[key] = URL.createObjectURL(blob);
+  img.src = state.urls[key];
+}
+
+async function loadModels() {
+  const listing = await (await call("/models")).json();
+  const select = $("model");
+  select.replaceChildren();
+  for (const model of listing.models.filter((m) => m.status === "ready")) {
+    state.models[model.name] = model;
+    select.add(new Option(model.name, model.name, model.default, model.default));
+  }
+  await chooseModel();
+}
+
+async function chooseModel() {
+  const model = state.models[$("model").value];
+  const accuracy = model.accuracy ? ` · top-1 ${(model.accuracy.top1 * 100).toFixed(1)}% on ${model.accuracy.dataset}` : "";
+  $("model-info").textContent = `${model.labels} classes · ${model.input.width}x${model.input.height} ${model.input.color} · ${model.provider}${accuracy}`;
+  const listing = await (await call(`/models/${model.name}/layers`)).json();
+  state.layers = listing.layers;
+  const select = $("layer");
+  select.replaceChildren(...state.layers.map((layer, i) => new Option(`${i + 1}. ${layer.name} (${layer.stage})`, String(i))));
+  say(state.photo ? "" : "Choose a photo to begin.");
+  if (state.photo) await run();
+}
+
+function drawBars(predictions) {
+  $("bars").replaceChildren(...predictions.map((p) => {
+    const item = document.createElement("li");
+    const fill = document.createElement("span");
+    fill.className = "fill";
+    fill.style.width = `${(p.score * 100).toFixed(1)}%`;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `${(p.score * 100).toFixed(1)}%`;
+    item.append(fill, score, document.createTextNode(p.label));
+    return item;
+  }));
+  $("results").hidden = false;
+}
+
+async function showLayer() {
+  const layer = state.layers[Number($("layer").value)];
+  if (!layer || !state.photo) return;
+  const channels = Math.min(layer.output_shape[0], MAX_CHANNELS_SHOWN);
+  const shape = layer.output_shape.join("x");
+  const detail = layer.kernel ? ` · kernel ${layer.kernel.join("x")}, stride ${layer.stride.join("x")}` : "";
+  $("layer-info").textContent = `${layer.operator} · output ${shape}${detail} · showing ${channels} of ${layer.output_shape[0]} channels`;
+  const query = new URLSearchParams({ model: $("model").value, layer: layer.name, channels: `0-${channels - 1}` });
+  const response = await call(`/featuremaps?${query}`, { method: "POST", body: photoForm() });
+  showImage($("featuremap"), "featuremap", await response.blob());
+  $("maps").hidden = false;
+}
+
+async function showCam() {
+  const model = state.models[$("model").value];
+  $("cam-section").hidden = !model.cam;
+  if (!model.cam) return;
+  const response = await call(`/cam?model=${model.name}`, { method: "POST", body: photoForm() });
+  showImage($("cam"), "cam", await response.blob());
+}
+
+async function run() {
+  say("Classifying…");
+  try {
+    const model = $("model").value;
+    const response = await call(`/classify?model=${model}&top_k=5`, { method: "POST", body: photoForm() });
+    drawBars((await response.json()).predictions);
+    say("");
+    await Promise.all([showLayer(), showCam()]);
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function usePhoto(file) {
+  if (!file) return;
+  state.photo = file;
+  showImage($("preview"), "preview", file);
+  $("preview").hidden = false;
+  $("drop-hint").hidden = true;
+  run();
+}
+
+function step(delta) {
+  const select = $("layer");
+  const next = Number(select.value) + delta;
+  if (next < 0 || next >= state.layers.length) return;
+  select.value = String(next);
+  showLayer().catch((error) => say(error.message, true));
+}
+
+function wire() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => usePhoto(event.target.files[0]));
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    usePhoto(event.dataTransfer.files[0]);
+  });
+  $("model").addEventListener("change", () => chooseModel().catch((error) => say(error.message, true)));
+  $("layer").addEventListener("change", () => showLayer().catch((error) => say(error.message, true)));
+  $("prev").addEventListener("click", () => step(-1));
+  $("next").addEventListener("click", () => step(1));
+  $("api-key").addEventListener("change", () => loadModels().catch((error) => say(error.message, true)));
+  loadModels().catch((error) => say(`Could not list the models: ${error.message}`, true));
+}
+
+wire();

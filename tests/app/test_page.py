@@ -1,0 +1,81 @@
+"""The web page at /, in a real browser: Debian's Chromium driven by Playwright against a real
+server. A person uploads a photo, sees the bars, steps through the layers."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from ..conftest import live_server
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+# The flags a root, offline, headless Chromium needs here (no sandbox as root, no background calls).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(os.environ.get("CNNSERVE_SCREENSHOTS", "runs/screenshots"))
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test does it)")
+
+
+@pytest.fixture(scope="module")
+def page():
+    with live_server() as (url, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 1400})
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def shown(page, selector: str) -> None:
+    """Waits until the image element holds a decoded picture fetched from the service."""
+    page.wait_for_function(
+        "s => { const img = document.querySelector(s); return img.src.startsWith('blob:') && img.naturalWidth > 0; }",
+        arg=selector,
+        timeout=30_000,
+    )
+
+
+def test_the_page_lists_the_models_with_the_default_chosen(page):
+    expect(page.locator("#model")).to_have_value("efficientnet_lite0")
+    names = page.locator("#model option").all_inner_texts()
+    assert {"lenet5", "kernels", "efficientnet_lite0"} <= set(names)
+
+
+def test_a_photo_gives_bars_with_a_cat_feature_maps_and_a_cam(page, photos):
+    page.set_input_files("#file", photos["chelsea"])
+    bars = page.locator("#bars li")
+    expect(bars).to_have_count(5, timeout=30_000)
+    assert "cat" in bars.first.inner_text()
+    shown(page, "#featuremap")
+    expect(page.locator("#cam-section")).to_be_visible()
+    shown(page, "#cam")
+
+
+def test_stepping_to_the_next_layer_shows_its_maps(page):
+    before = page.locator("#featuremap").get_attribute("src")
+    page.click("#next")
+    expect(page.locator("#layer")).to_have_value("1")
+    expect(page.locator("#featuremap")).not_to_have_attribute("src", before, timeout=30_000)
+    shown(page, "#featuremap")
+    expect(page.locator("#layer-info")).to_contain_text("output")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "page.png"), full_page=True)
+    assert (SCREENSHOTS / "page.png").stat().st_size > 10_000
+
+
+def test_a_model_without_cam_hides_it_and_errors_are_shown(page):
+    page.select_option("#model", "kernels")
+    expect(page.locator("#cam-section")).to_be_hidden(timeout=30_000)
+    expect(page.locator("#layer option").first).to_contain_text("conv")
+    page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"})
+    expect(page.locator("#status")).to_contain_text("415", timeout=30_000)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -27,6 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--models-dir", help="model repository (default models/)")
     serve.add_argument("--default-model", help="model used when a request names none")
     serve.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="execution provider choice")
+    classify = commands.add_parser("classify", help="classify image files with a running service, print the top-k")
+    classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    classify.add_argument("--model", help="model name (default: the service's default model)")
+    classify.add_argument("--top-k", type=int, default=5, help="how many classes (default 5)")
+    for client_command in (classify, commands.add_parser("models", help="list the models a running service has")):
+        client_command.add_argument("--url", help="the service (default $CNNSERVE_URL or http://127.0.0.1:8000)")
+        client_command.add_argument("--api-key", help="API key, if the service needs one (default $CNNSERVE_API_KEY)")
     return parser.parse_args(argv)
 
 
@@ -68,10 +77,55 @@ def serve(args: argparse.Namespace) -> None:
     DrainingServer(config, app, settings.drain_seconds).run()
 
 
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    """Every column right-aligned but the last, which holds free text."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join([cell.rjust(width) for cell, width in zip(row[:-1], widths, strict=True)] + [row[-1]]))
+
+
+def classify(args: argparse.Namespace) -> int:
+    import httpx
+
+    from app.client import Client, ServiceError
+
+    failures = 0
+    with Client(args.url, args.api_key) as client:
+        for image in args.images:
+            try:
+                result = client.classify(image, args.model, args.top_k)
+            except (ServiceError, OSError, httpx.HTTPError) as error:
+                print(f"{image}: {error}", file=sys.stderr)
+                failures += 1
+                continue
+            print(f"{image} ({result.model})")
+            rows = [
+                [str(rank), f"{p.score:.2%}", str(p.index), p.label] for rank, p in enumerate(result.predictions, 1)
+            ]
+            print_table(rows, ["rank", "score", "index", "label"])
+    return 1 if failures else 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    from app.client import Client
+
+    with Client(args.url, args.api_key) as client:
+        listing = client.models()
+    rows = [
+        [m.name + (" *" if m.default else ""), m.status, m.provider or "-", str(m.labels or "-"), m.reason or ""]
+        for m in listing.models
+    ]
+    print_table(rows, ["model", "status", "provider", "classes", "note"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "serve":
         serve(args)
+    else:
+        sys.exit({"classify": classify, "models": list_models}[args.command](args))
 
 
 if __name__ == "__main__":

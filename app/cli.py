@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from types import FrameType
 
@@ -33,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     classify.add_argument("--model", help="model name (default: the service's default model)")
     classify.add_argument("--top-k", type=int, default=5, help="how many classes (default 5)")
+    probe = commands.add_parser(
+        "probe", help="exit 0 if this machine's service answers 200 on PATH (a container HEALTHCHECK)"
+    )
+    probe.add_argument("path", nargs="?", default="/healthz", help="/healthz (default) or /readyz")
     for client_command in (classify, commands.add_parser("models", help="list the models a running service has")):
         client_command.add_argument("--url", help="the service (default $CNNSERVE_URL or http://127.0.0.1:8000)")
         client_command.add_argument("--api-key", help="API key, if the service needs one (default $CNNSERVE_API_KEY)")
@@ -120,12 +125,24 @@ def list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe(args: argparse.Namespace) -> int:
+    """Asks the service on this machine's loopback, at the configured port; no client library, so
+    that a health check every few seconds costs almost nothing."""
+    url = f"http://127.0.0.1:{Settings().port}{args.path}"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return 0 if response.status == 200 else 1
+    except OSError as error:
+        print(f"{url}: {error}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "serve":
         serve(args)
     else:
-        sys.exit({"classify": classify, "models": list_models}[args.command](args))
+        sys.exit({"classify": classify, "models": list_models, "probe": probe}[args.command](args))
 
 
 if __name__ == "__main__":

@@ -25,3 +25,10 @@ def test_a_bad_setting_is_refused_at_start(monkeypatch):
     monkeypatch.setenv("CNNSERVE_PROVIDERS", "tpu")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_an_empty_api_key_turns_authentication_off(monkeypatch):
+    monkeypatch.setenv("CNNSERVE_API_KEY", "")
+    assert Settings().api_key is None
+    monkeypatch.setenv("CNNSERVE_API_KEY", "s3cret")
+    assert Settings().api_key.get_secret_value() == "s3cret"

@@ -1,0 +1,73 @@
+# cnnserve images, from one file:
+#   docker build --target cpu -t cnnserve:cpu .    the CPU image (python slim, onnxruntime)
+#   docker build --target gpu -t cnnserve:gpu .    the GPU image (NVIDIA CUDA 13 + cuDNN 9, onnxruntime-gpu)
+# The runtime stages hold the service, ONNX Runtime and models/: no torch, no compilers, no pip cache.
+# models/ is committed, so no stage trains; a build stage installs the package into a virtual environment.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# onnxruntime-gpu 1.27 and later are built for CUDA 13 and cuDNN 9: this base carries both.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+
+FROM ${PYTHON_IMAGE} AS cpu-build
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md /src/
+COPY app /src/app
+COPY training /src/training
+RUN /opt/venv/bin/pip install --no-cache-dir /src
+
+FROM ${CUDA_IMAGE} AS gpu-build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+COPY pyproject.toml README.md /src/
+COPY app /src/app
+COPY training /src/training
+RUN /opt/venv/bin/pip install --no-cache-dir /src \
+    && /opt/venv/bin/pip uninstall -y onnxruntime \
+    && /opt/venv/bin/pip install --no-cache-dir "onnxruntime-gpu>=1.27,<2"
+
+FROM ${PYTHON_IMAGE} AS cpu
+RUN groupadd --system --gid 10001 cnnserve \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cnnserve
+COPY --from=cpu-build /opt/venv /opt/venv
+COPY models /srv/models
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
+    CNNSERVE_MODELS_DIR=/srv/models \
+    CNNSERVE_HOST=0.0.0.0 \
+    CNNSERVE_PORT=8000 \
+    CNNSERVE_PROVIDERS=cpu \
+    CNNSERVE_DRAIN_SECONDS=5
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["cnnserve", "probe", "/healthz"]
+CMD ["cnnserve", "serve"]
+
+FROM ${CUDA_IMAGE} AS gpu
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 cnnserve \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cnnserve
+COPY --from=gpu-build /opt/venv /opt/venv
+COPY models /srv/models
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
+    CNNSERVE_MODELS_DIR=/srv/models \
+    CNNSERVE_HOST=0.0.0.0 \
+    CNNSERVE_PORT=8000 \
+    CNNSERVE_PROVIDERS=cuda \
+    CNNSERVE_MAX_QUEUE_DELAY_MS=2 \
+    CNNSERVE_MAX_BATCH_SIZE=32 \
+    CNNSERVE_DRAIN_SECONDS=5
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["cnnserve", "probe", "/healthz"]
+CMD ["cnnserve", "serve"]

@@ -7,7 +7,7 @@ PORT ?= 8000
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 TRAINED := lenet5 alexnet googlenet resnet
 
-.PHONY: help serve test lint format install install-dev dataset models train export schema clean
+.PHONY: help serve test lint format install install-dev dataset tools models train export schema bench soak overload clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,12 +33,26 @@ serve: $(VENV)/.serve  ## serve models/ on http://127.0.0.1:8000
 dataset:  ## install Fashion-MNIST from Debian (needs root)
 	@test -d $(FASHION_DIR) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-test: $(VENV)/.dev dataset  ## run the test suite
+tools:  ## install Debian's chromium (the page test) and wrk (the benchmark) if missing (needs root)
+	@command -v chromium >/dev/null && command -v wrk >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk; }
+
+test: $(VENV)/.dev dataset tools  ## run the test suite
 	$(BIN)/python -m pytest -q
 
-lint: $(VENV)/.dev  ## ruff check and format check
+lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+
+bench: $(VENV)/.dev dataset tools  ## throughput against bare ONNX Runtime and a plain FastAPI peer (about 6 min)
+	$(BIN)/python -m bench.run
+
+soak: $(VENV)/.dev dataset  ## 50,000 mixed requests; resident-memory growth (about 3 min)
+	$(BIN)/python -m bench.stress soak --out bench/results/soak.json
+
+overload: $(VENV)/.dev dataset  ## 64 clients sending 12-megapixel photos for 30 s
+	$(BIN)/python -m bench.stress overload --out bench/results/overload.json
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format .

@@ -45,3 +45,22 @@ def test_openapi_documents_typed_responses(client):
     classify = schema["paths"]["/classify"]["post"]
     assert "multipart/form-data" in classify["requestBody"]["content"]
     assert classify["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("ClassifyResponse")
+
+
+def test_metrics_follow_prometheus_conventions_and_cover_the_batcher(client, photos):
+    client.post("/classify?model=lenet5", files={"file": photos["coffee"].read_bytes()})
+    client.post(
+        "/v2/models/lenet5/infer",
+        json={"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]},
+    )
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    kinds = {name: family.type for name, family in families.items() if name.startswith("cnnserve_")}
+    assert kinds["cnnserve_requests"] == "counter" and kinds["cnnserve_rejected"] == "counter"
+    for name in ("request_duration_seconds", "inference_duration_seconds", "queue_duration_seconds", "batch_size"):
+        assert kinds[f"cnnserve_{name}"] == "histogram"
+    assert kinds["cnnserve_queue_depth"] == "gauge" and kinds["cnnserve_model_loaded"] == "gauge"
+    assert all(not name.endswith("_total") for name in kinds), "the client library adds _total to counters"
+    batches = [s for s in families["cnnserve_batch_size"].samples if s.name == "cnnserve_batch_size_count"]
+    assert any(s.labels["model"] == "lenet5" and s.value >= 2 for s in batches)
+    v2 = [s for s in families["cnnserve_requests"].samples if s.labels.get("endpoint") == "/v2/models/{name}/infer"]
+    assert v2 and v2[0].labels["model"] == "lenet5" and v2[0].labels["status"] == "200"

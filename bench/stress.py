@@ -1,0 +1,208 @@
+"""Two long runs against a real server on loopback, kept out of the test suite because they take
+minutes: the soak (many mixed requests, good and bad, and the resident-memory growth they leave)
+and the overload (64 clients sending 12-megapixel photos at once: what is refused, how fast the
+accepted ones come back, and whether /healthz stays quick meanwhile).
+
+    python -m bench.stress soak --requests 50000
+    python -m bench.stress overload --clients 64 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.run import free_port, make_inputs, rss_mb, start, stop
+
+
+@dataclass(frozen=True)
+class Call:
+    kind: str
+    method: str
+    path: str
+    body: bytes | None = None
+    media_type: str | None = None
+
+
+def mixed_calls(inputs: Path) -> list[tuple[Call, int]]:
+    """What a public service meets: mostly good requests, some broken ones, weighted."""
+    lenet_png, small_jpg = (inputs / "lenet.png").read_bytes(), (inputs / "small.jpg").read_bytes()
+    tensor = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}]}
+    ).encode()
+    return [
+        (Call("classify lenet5", "POST", "/classify?model=lenet5", lenet_png, "image/png"), 40),
+        (Call("classify efficientnet", "POST", "/classify", small_jpg, "image/jpeg"), 10),
+        (Call("featuremaps kernels", "POST", "/featuremaps?model=kernels&format=json", lenet_png, "image/png"), 5),
+        (Call("v2 infer lenet5", "POST", "/v2/models/lenet5/infer", tensor, "application/json"), 10),
+        (Call("truncated image", "POST", "/classify?model=lenet5", lenet_png[:60], "image/png"), 5),
+        (Call("not an image", "POST", "/classify?model=lenet5", b"hello", "text/plain"), 5),
+        (Call("unknown model", "POST", "/classify?model=nope", lenet_png, "image/png"), 5),
+        (Call("bad top_k", "POST", "/classify?model=lenet5&top_k=0", lenet_png, "image/png"), 5),
+        (Call("models", "GET", "/models"), 10),
+        (Call("metrics", "GET", "/metrics"), 5),
+    ]
+
+
+class Connection:
+    """One keep-alive connection, reopened when the server closes it."""
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.port, self.timeout = port, timeout
+        self.http = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def send(self, call: Call) -> tuple[int | str, float]:
+        headers = {"content-type": call.media_type} if call.media_type else {}
+        started = time.perf_counter()
+        try:
+            self.http.request(call.method, call.path, body=call.body, headers=headers)
+            response = self.http.getresponse()
+            response.read()
+            status: int | str = response.status
+        except (OSError, http.client.HTTPException) as error:
+            status = type(error).__name__
+            self.http.close()
+            self.http = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        return status, time.perf_counter() - started
+
+
+def soak(args: argparse.Namespace, inputs: Path) -> dict:
+    calls = mixed_calls(inputs)
+    population, weights = [c for c, _ in calls], [w for _, w in calls]
+    port = free_port()
+    server = start(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        {"CNNSERVE_LOG_LEVEL": "warning", "MALLOC_ARENA_MAX": "2"},
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    answers: Counter[tuple[str, int | str]] = Counter()
+    lock, remaining = threading.Lock(), [args.requests]
+    samples = [(0, rss_mb(server.pid))]
+    bar = tqdm(total=args.requests, unit="req", desc="soak")
+
+    def client(seed: int) -> None:
+        rng, connection = random.Random(seed), Connection(port)
+        while True:
+            with lock:
+                if remaining[0] == 0:
+                    return
+                remaining[0] -= 1
+            call = rng.choices(population, weights)[0]
+            status, _ = connection.send(call)
+            with lock:
+                answers[(call.kind, status)] += 1
+                bar.update(1)
+                done = bar.n
+                if done % 5000 == 0:
+                    samples.append((done, rss_mb(server.pid)))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        bar.close()
+        samples.append((args.requests, rss_mb(server.pid)))
+    finally:
+        stop(server)
+    warm = samples[1][1] if len(samples) > 2 else samples[0][1]
+    return {
+        "requests": args.requests,
+        "answers": {f"{kind} -> {status}": n for (kind, status), n in sorted(answers.items(), key=str)},
+        "rss_mb": samples,
+        "growth_mb_after_warmup": samples[-1][1] - warm,
+        "growth_mb_from_ready": samples[-1][1] - samples[0][1],
+    }
+
+
+def overload(args: argparse.Namespace, inputs: Path) -> dict:
+    big = Call("12-megapixel JPEG", "POST", "/classify", (inputs / "big.jpg").read_bytes(), "image/jpeg")
+    port = free_port()
+    server = start(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        {"CNNSERVE_LOG_LEVEL": "warning"},
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    results: list[tuple[int | str, float]] = []
+    health: list[tuple[int | str, float]] = []
+    stop_at = time.monotonic() + args.seconds
+
+    def client() -> None:
+        connection = Connection(port)
+        while time.monotonic() < stop_at:
+            results.append(connection.send(big))
+
+    def prober() -> None:
+        connection = Connection(port, timeout=10)
+        while time.monotonic() < stop_at:
+            health.append(connection.send(Call("healthz", "GET", "/healthz")))
+            time.sleep(0.1)
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(args.clients)] + [threading.Thread(target=prober)]
+        for thread in threads:
+            thread.start()
+        for _ in tqdm(range(int(args.seconds)), desc=f"overload, {args.clients} clients", unit="s"):
+            time.sleep(1)
+        for thread in threads:
+            thread.join()
+    finally:
+        stop(server)
+    accepted = np.array([seconds for status, seconds in results if status == 200]) * 1000
+    health_ms = np.array([seconds for _, seconds in health]) * 1000
+    return {
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "answers": dict(Counter(str(status) for status, _ in results)),
+        "accepted_per_s": len(accepted) / args.seconds,
+        "accepted_p50_ms": float(np.percentile(accepted, 50)) if len(accepted) else None,
+        "accepted_p99_ms": float(np.percentile(accepted, 99)) if len(accepted) else None,
+        "healthz": dict(Counter(str(status) for status, _ in health)),
+        "healthz_p99_ms": float(np.percentile(health_ms, 99)),
+        "healthz_max_ms": float(health_ms.max()),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.stress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    runs = parser.add_subparsers(dest="run", required=True)
+    soak_args = runs.add_parser("soak", help="mixed requests; resident-memory growth")
+    soak_args.add_argument("--requests", type=int, default=50_000)
+    soak_args.add_argument("--clients", type=int, default=8)
+    overload_args = runs.add_parser("overload", help="many clients with 12-megapixel photos")
+    overload_args.add_argument("--clients", type=int, default=64)
+    overload_args.add_argument("--seconds", type=float, default=30.0)
+    for run in (soak_args, overload_args):
+        run.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        make_inputs(Path(scratch))
+        figures = {"soak": soak, "overload": overload}[args.run](args, Path(scratch))
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

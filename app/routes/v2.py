@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 VERSION = "1"
 MAX_BATCH = 64
-EXTENSIONS = ["classification", "binary_tensor_data", "model_repository"]
+EXTENSIONS = ["classification", "binary_tensor_data"]
 
 
 def served(registry: Registry, name: str, version: str | None, request: Request | None = None) -> LoadedModel:

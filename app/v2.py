@@ -6,6 +6,7 @@ unchanged. This module holds the wire format; ``app/routes/v2.py`` holds the end
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -69,9 +70,13 @@ def input_tensor(tensor: TensorIn, binary: bytes, offset: int, expected: tuple[i
     if tensor.datatype not in DATATYPES:
         raise V2Error(400, f"input {tensor.name!r} must be one of {sorted(DATATYPES)}, got {tensor.datatype!r}")
     shape = tuple(tensor.shape)
-    if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
+    if (
+        any(d <= 0 for d in shape)
+        or len(shape) != len(expected)
+        or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True))
+    ):
         raise V2Error(400, f"input {tensor.name!r} has shape {list(shape)}; the model takes {list(expected)}")
-    dtype, count = DATATYPES[tensor.datatype], int(np.prod(shape))
+    dtype, count = DATATYPES[tensor.datatype], math.prod(shape)
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
         if size != count * dtype.itemsize or offset + size > len(binary):
@@ -86,6 +91,14 @@ def input_tensor(tensor: TensorIn, binary: bytes, offset: int, expected: tuple[i
     if values.size != count:
         raise V2Error(400, f"input {tensor.name!r}: {values.size} values for shape {list(shape)}")
     return values.reshape(shape), offset
+
+
+def class_count(parameters: dict[str, Any]) -> int:
+    """The classification extension's k; 0 when the client asked for the raw tensor."""
+    k = parameters.get("classification", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise V2Error(400, f"the classification parameter must be a whole number of classes, got {k!r}")
+    return k
 
 
 def classification(output: np.ndarray, k: int, labels: list[str]) -> np.ndarray:

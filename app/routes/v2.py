@@ -17,6 +17,7 @@ from app.v2 import (
     HEADER_LENGTH,
     ORT_DATATYPES,
     V2Error,
+    class_count,
     classification,
     encode_output,
     encode_response,
@@ -152,7 +153,7 @@ def respond(model: LoadedModel, parsed, output: np.ndarray) -> tuple[bytes, dict
         parameters = requested.parameters if requested else {}
         if requested is not None and requested.name != model.spec.output.name:
             raise V2Error(400, f"model {model.name!r} has one output, {model.spec.output.name!r}")
-        k = int(parameters.get("classification", 0))
+        k = class_count(parameters)
         values = classification(output, k, model.spec.labels) if k > 0 else output
         entry, tail = encode_output(model.spec.output.name, values, parameters.get("binary_data", everything_binary))
         entries.append(entry)

@@ -139,3 +139,19 @@ def test_binary_sizes_that_lie_are_refused(client):
         "/v2/models/lenet5/infer", content=header, headers={"Inference-Header-Content-Length": "99999"}
     )
     assert too_long.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("shape", "outputs"),
+    [
+        ([-3, 1, 28, 28], None),
+        ([0, 1, 28, 28], None),
+        ([1, 1, 28, 28], [{"name": "logits", "parameters": {"classification": "five"}}]),
+        ([1, 1, 28, 28], [{"name": "probabilities"}]),
+    ],
+    ids=["negative batch", "empty batch", "classification not a number", "unknown output"],
+)
+def test_nonsense_requests_are_400_not_500(client, shape, outputs):
+    tensor = {"name": "input", "shape": shape, "datatype": "FP32", "data": [0.0] * 784}
+    response = client.post("/v2/models/lenet5/infer", json={"inputs": [tensor], "outputs": outputs})
+    assert response.status_code == 400 and response.json()["error"]

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const MAX_CHANNELS_SHOWN = 16;
-const state = { photo: null, models: {}, layers: [], urls: {} };
+const state = { photo: null, models: {}, layers: [], layersReady: Promise.resolve(), urls: {} };
 
 function headers() {
   const key = $("api-key").value.trim();
@@ -47,18 +47,19 @@ async function loadModels() {
     select.add(new Option(model.name, model.name, model.default, model.default));
   }
   await chooseModel();
+  say("Choose a photo to begin.");
 }
 
-async function chooseModel() {
+function chooseModel() {
   const model = state.models[$("model").value];
   const accuracy = model.accuracy ? ` · top-1 ${(model.accuracy.top1 * 100).toFixed(1)}% on ${model.accuracy.dataset}` : "";
   $("model-info").textContent = `${model.labels} classes · ${model.input.width}x${model.input.height} ${model.input.color} · ${model.provider}${accuracy}`;
-  const listing = await (await call(`/models/${model.name}/layers`)).json();
-  state.layers = listing.layers;
-  const select = $("layer");
-  select.replaceChildren(...state.layers.map((layer, i) => new Option(`${i + 1}. ${layer.name} (${layer.stage})`, String(i))));
-  say(state.photo ? "" : "Choose a photo to begin.");
-  if (state.photo) await run();
+  // A photo chosen while this model's layers are still being listed waits for them (run awaits this).
+  state.layersReady = call(`/models/${model.name}/layers`).then((r) => r.json()).then((listing) => {
+    state.layers = listing.layers;
+    $("layer").replaceChildren(...state.layers.map((layer, i) => new Option(`${i + 1}. ${layer.name} (${layer.stage})`, String(i))));
+  });
+  return state.layersReady;
 }
 
 function drawBars(predictions) {
@@ -104,6 +105,7 @@ async function run() {
     const response = await call(`/classify?model=${model}&top_k=5`, { method: "POST", body: photoForm() });
     drawBars((await response.json()).predictions);
     say("");
+    await state.layersReady;
     await Promise.all([showLayer(), showCam()]);
   } catch (error) {
     say(error.message, true);
@@ -137,7 +139,10 @@ function wire() {
     drop.classList.remove("over");
     usePhoto(event.dataTransfer.files[0]);
   });
-  $("model").addEventListener("change", () => chooseModel().catch((error) => say(error.message, true)));
+  $("model").addEventListener("change", () => {
+    chooseModel().catch((error) => say(error.message, true));
+    if (state.photo) run();
+  });
   $("layer").addEventListener("change", () => showLayer().catch((error) => say(error.message, true)));
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));

@@ -79,3 +79,23 @@ def test_a_model_without_cam_hides_it_and_errors_are_shown(page):
     expect(page.locator("#layer option").first).to_contain_text("conv")
     page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"})
     expect(page.locator("#status")).to_contain_text("415", timeout=30_000)
+
+
+def test_a_photo_chosen_with_a_new_model_waits_for_that_models_layers(page, photos):
+    page.evaluate(
+        """() => { window.said = [];
+        new MutationObserver(() => window.said.push(document.querySelector('#status').textContent))
+            .observe(document.querySelector('#status'), {childList: true, characterData: true, subtree: true}); }"""
+    )
+    held = []  # the new model's layer list is held back, as on a slow network, until the photo is classified
+    page.route("**/models/googlenet/layers", lambda route: held.append(route))
+    page.select_option("#model", "googlenet")
+    page.set_input_files("#file", photos["coffee"])
+    expect(page.locator("#bars li").first).to_contain_text("Bag", timeout=30_000)
+    page.wait_for_timeout(300)
+    assert held, "the page never asked for the new model's layers"
+    for route in held:
+        route.continue_()
+    expect(page.locator("#layer option").first).to_contain_text("stem.conv1", timeout=30_000)
+    shown(page, "#featuremap")
+    assert not [text for text in page.evaluate("window.said") if "404" in text]

@@ -5,6 +5,7 @@ accepted ones come back, and whether /healthz stays quick meanwhile).
 
     python -m bench.stress soak --requests 50000
     python -m bench.stress overload --clients 64 --seconds 30
+    python -m bench.stress featurecost      # start-up, and what feature maps cost /classify
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +178,41 @@ def overload(args: argparse.Namespace, inputs: Path) -> dict:
     }
 
 
+def featurecost(args: argparse.Namespace, inputs: Path) -> dict:
+    """What /featuremaps costs the service: memory once every model's feature-map session exists,
+    and /classify latency (one client, so no batching) before and after they are built."""
+    photo = Call("classify", "POST", "/classify", (inputs / "small.jpg").read_bytes(), "image/jpeg")
+    port = free_port()
+    started = time.perf_counter()
+    server = start(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        {"CNNSERVE_LOG_LEVEL": "warning"},
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    figures: dict = {"ready_seconds": time.perf_counter() - started, "ready_rss_mb": rss_mb(server.pid)}
+    connection = Connection(port)
+
+    def classify_ms() -> dict:
+        for _ in range(20):
+            connection.send(photo)
+        times = np.array([connection.send(photo)[1] for _ in tqdm(range(args.requests), desc="/classify")]) * 1000
+        return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+    try:
+        figures["classify_before"] = classify_ms()
+        figures["rss_after_classify_mb"] = rss_mb(server.pid)
+        models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=30).read())["models"]
+        names = [m["name"] for m in models if m["status"] == "ready"]
+        for name in tqdm(names, desc="feature-map sessions"):
+            connection.send(Call("featuremaps", "POST", f"/featuremaps?model={name}", photo.body, photo.media_type))
+        figures["rss_with_featuremaps_mb"] = rss_mb(server.pid)
+        figures["featuremaps_extra_mb"] = figures["rss_with_featuremaps_mb"] - figures["rss_after_classify_mb"]
+        figures["classify_after"] = classify_ms()
+    finally:
+        stop(server)
+    return figures
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.stress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,7 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     overload_args = runs.add_parser("overload", help="many clients with 12-megapixel photos")
     overload_args.add_argument("--clients", type=int, default=64)
     overload_args.add_argument("--seconds", type=float, default=30.0)
-    for run in (soak_args, overload_args):
+    cost_args = runs.add_parser("featurecost", help="start-up, memory and /classify latency with feature maps")
+    cost_args.add_argument("--requests", type=int, default=300)
+    for run in (soak_args, overload_args, cost_args):
         run.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
@@ -196,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         make_inputs(Path(scratch))
-        figures = {"soak": soak, "overload": overload}[args.run](args, Path(scratch))
+        figures = {"soak": soak, "overload": overload, "featurecost": featurecost}[args.run](args, Path(scratch))
     text = json.dumps(figures, indent=2)
     print(text)
     if args.out:

@@ -32,8 +32,12 @@ class Settings(BaseSettings):
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when onnxruntime-gpu and a GPU are there, else CPU; cuda: fail without it"
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per inference; 0: the CPUs available")
-    inference_workers: int = Field(1, ge=1, le=64, description="batches run at once per model")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per inference; 0: chosen per model at load (see README)"
+    )
+    inference_workers: int = Field(
+        0, ge=0, le=64, description="batches run at once per model; 0: chosen per model at load (see README)"
+    )
     max_batch_size: int = Field(8, ge=1, le=1024, description="most images joined into one ONNX Runtime call")
     max_queue_delay_ms: float = Field(
         0.0, ge=0, le=10_000, description="how long a request may wait for company; 0: batch only what is waiting"

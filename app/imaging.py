@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from app.spec import InputSpec
 
@@ -26,6 +27,7 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 DRAFT_MARGIN = 2
+INLINE_PIXELS = 64 * 64
 # Pillow only warns between its two bomb limits; make that an error (set once: filters are global).
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 _HIGH_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -45,10 +47,24 @@ def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     return to_tensor(fit(data, spec, max_pixels), spec)
 
 
+async def prepare_off_loop(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """prepare() on a worker thread, except for images of at most INLINE_PIXELS: decoding those
+    costs less than the hop to a thread and back (measured: LeNet-5's 28x28 PNGs served 1.4x
+    faster). The header is read here either way, so bombs and junk never reach a thread."""
+    image = open_checked(data, max_pixels)
+    if image.width * image.height <= INLINE_PIXELS:
+        return to_tensor(finish(image, spec), spec)
+    return await run_in_threadpool(lambda: to_tensor(finish(image, spec), spec))
+
+
 def fit(data: bytes, spec: InputSpec, max_pixels: int) -> Image.Image:
     """The image as the model sees it, before normalisation: decoded, oriented, converted, resized
     and cropped (the class activation map is drawn over this)."""
-    image = open_checked(data, max_pixels)
+    return finish(open_checked(data, max_pixels), spec)
+
+
+def finish(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """fit() for an image already opened and checked by open_checked()."""
     draft_for(image, spec)
     try:
         image.load()

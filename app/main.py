@@ -7,6 +7,7 @@ own with ``create_app(Settings(...))``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,8 @@ from app.routes import classify, featuremaps, health, models, page, v2
 
 log = logging.getLogger("cnnserve")
 
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young-generation collections (CPython's default: 700)
+
 DESCRIPTION = """CNN image classifiers from the model repository, on ONNX Runtime.
 
 Send an image (multipart field `file`, or the raw body with an `image/*` content type) to
@@ -41,11 +44,21 @@ def configure_logging(level: str) -> None:
     log.setLevel(level.upper())
 
 
+def settle_garbage_collector() -> None:
+    """Move everything alive after loading out of the collector's sight and collect young objects
+    less often: full collections that walked the models and the framework stalled requests for
+    milliseconds (measured: LeNet-5's p99 at 8 connections fell from 17 ms to 8 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def load_models(app: FastAPI) -> None:
     """Load in a worker thread so that /healthz answers, and /readyz says 503, meanwhile."""
     settings: Settings = app.state.settings
     started = time.perf_counter()
     registry = await asyncio.to_thread(load_all, settings, app.state.registry, app.state.metrics)
+    settle_garbage_collector()
     for model in registry.models.values():
         app.state.metrics.model_loaded.labels(model.name, model.providers[0]).set(1)
     for name in registry.failed:

@@ -37,9 +37,9 @@ def choose_providers(preference: str, available: list[str]) -> list[str | tuple[
     return [CPU]
 
 
-def session_options(settings: Settings) -> ort.SessionOptions:
+def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -47,10 +47,12 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     return options
 
 
-def create_session(model: bytes, settings: Settings) -> ort.InferenceSession:
-    """A session on the configured provider; raises ProviderUnavailable if CUDA was demanded and lost."""
+def create_session(model: bytes | str, settings: Settings, threads: int | None = None) -> ort.InferenceSession:
+    """A session on the configured provider with ``threads`` intra-op threads (default: the
+    settings'); raises ProviderUnavailable if CUDA was demanded and lost."""
     wanted = choose_providers(settings.providers, ort.get_available_providers())
-    session = ort.InferenceSession(model, sess_options=session_options(settings), providers=wanted)
+    options = session_options(threads or settings.threads)
+    session = ort.InferenceSession(model, sess_options=options, providers=wanted)
     got = session.get_providers()
     if settings.providers == "cuda" and CUDA not in got:
         raise ProviderUnavailable(f"CUDA was demanded but the session fell back to {got}")

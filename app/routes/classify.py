@@ -6,7 +6,6 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
 
 from app import imaging
 from app.deps import IMAGE_BODY, ImageDep, ModelDep, SettingsDep
@@ -58,7 +57,7 @@ async def classify(
 ) -> ClassifyResponse:
     if top_k_ > settings.max_top_k:
         raise ApiError(422, f"top_k must be at most {settings.max_top_k}")
-    batch = await run_in_threadpool(imaging.prepare, image, model.spec.input, settings.max_pixels)
+    batch = await imaging.prepare_off_loop(image, model.spec.input, settings.max_pixels)
     logits = await unless_disconnected(request, model.infer(batch))
     predictions = top_k(logits[0], model.spec.output.kind, top_k_, model.spec.labels)
     return ClassifyResponse(model=model.name, predictions=predictions)

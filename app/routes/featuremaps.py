@@ -142,7 +142,7 @@ async def featuremaps(
     chosen_layer = pick_layer(session, layer)
     shape = session.shapes[chosen_layer.tensor]
     picked = parse_channels(channels, shape[0], settings.max_feature_channels)
-    batch = await run_in_threadpool(imaging.prepare, image, model.spec.input, settings.max_pixels)
+    batch = await imaging.prepare_off_loop(image, model.spec.input, settings.max_pixels)
     loop = asyncio.get_running_loop()
     (maps,) = await loop.run_in_executor(model.executor, session.run, batch, [chosen_layer.tensor])
     maps = maps[0][picked]

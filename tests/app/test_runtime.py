@@ -3,6 +3,7 @@
 import pytest
 
 from app.config import Settings, available_cpus
+from app.registry import execution_plan
 from app.runtime import CPU, CUDA, ProviderUnavailable, choose_providers
 
 from ..conftest import running_client
@@ -41,3 +42,22 @@ def test_models_report_the_provider_their_session_really_got(client):
 def test_thread_count_defaults_to_the_cpus_available():
     assert Settings().threads == available_cpus() >= 1
     assert Settings(intra_op_threads=1).threads == 1
+
+
+def test_slow_models_get_a_worker_per_core_and_fast_ones_one_worker_with_every_core():
+    cpus = available_cpus()
+    assert execution_plan(Settings(), seconds_per_image=0.003) == (1, cpus)
+    assert execution_plan(Settings(), seconds_per_image=0.00003) == (cpus, 1)
+
+
+def test_what_the_settings_fix_is_kept_and_the_rest_follows():
+    cpus = available_cpus()
+    assert execution_plan(Settings(intra_op_threads=cpus), seconds_per_image=0.003) == (cpus, 1)
+    assert execution_plan(Settings(inference_workers=3), seconds_per_image=0.00003) == (max(1, cpus // 3), 3)
+    assert execution_plan(Settings(intra_op_threads=2, inference_workers=4), seconds_per_image=0.003) == (2, 4)
+
+
+def test_served_models_got_workers_by_their_measured_speed(client):
+    models = client.app.state.registry.models
+    assert models["lenet5"].batcher.workers == 1
+    assert models["efficientnet_lite0"].batcher.workers == available_cpus()

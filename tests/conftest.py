@@ -119,3 +119,10 @@ def live_server(output: int = subprocess.DEVNULL, **env: str) -> Iterator[tuple[
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def live_url() -> Iterator[str]:
+    """One real server for the tests that only talk to it (tests that stop a server start their own)."""
+    with live_server() as (url, _):
+        yield url

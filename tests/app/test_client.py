@@ -9,20 +9,14 @@ from PIL import Image
 
 from app.client import Client, ServiceError, media_type
 
-from ..conftest import ROOT, live_server
+from ..conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def server():
-    with live_server() as (url, _):
-        yield url
-
-
 @pytest.fixture
-def service(server):
-    with Client(server) as client:
+def service(live_url):
+    with Client(live_url) as client:
         yield client
 
 
@@ -65,17 +59,17 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
-def test_the_command_line_prints_the_top5_as_a_table(server, photos):
-    result = cli("classify", str(photos["chelsea"]), "--url", server)
+def test_the_command_line_prints_the_top5_as_a_table(live_url, photos):
+    result = cli("classify", str(photos["chelsea"]), "--url", live_url)
     lines = result.stdout.splitlines()
     assert result.returncode == 0
     assert lines[1].split() == ["rank", "score", "index", "label"]
     assert len(lines) == 7 and "cat" in lines[2]
 
 
-def test_the_command_line_says_which_file_failed_and_exits_1(server, tmp_path):
+def test_the_command_line_says_which_file_failed_and_exits_1(live_url, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    result = cli("classify", str(broken), "--url", server, "--model", "lenet5")
+    result = cli("classify", str(broken), "--url", live_url, "--model", "lenet5")
     assert result.returncode == 1
     assert "broken.jpg: 400" in result.stderr

@@ -3,7 +3,6 @@ only 200 or a 4xx may come back, never a server error."""
 
 import io
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,7 +13,7 @@ from app.config import Settings
 from app.main import create_app
 from app.spec import ModelSpec
 
-from ..conftest import MODELS, live_server
+from ..conftest import MODELS
 
 SPEC = ModelSpec.model_validate_json((MODELS / "lenet5" / "model.json").read_text()).input
 
@@ -85,13 +84,6 @@ def test_mutated_images_over_http_get_200_or_4xx(client, data):
 
 
 schema = schemathesis.openapi.from_dict(create_app(Settings(models_dir=MODELS)).openapi())
-
-
-@pytest.fixture(scope="module")
-def live_url():
-    """A real server process, so that every case crosses a real socket."""
-    with live_server() as (url, _):
-        yield url
 
 
 @schema.parametrize()

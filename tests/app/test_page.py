@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from ..conftest import live_server
-
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 # The flags a root, offline, headless Chromium needs here (no sandbox as root, no background calls).
 CHROMIUM_ARGS = [
@@ -27,11 +25,11 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium
 
 
 @pytest.fixture(scope="module")
-def page():
-    with live_server() as (url, _), sync_playwright() as playwright:
+def page(live_url):
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1000, "height": 1400})
-        page.goto(url)
+        page.goto(live_url)
         yield page
         browser.close()
 

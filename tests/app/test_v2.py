@@ -12,20 +12,14 @@ from tritonclient.utils import InferenceServerException
 from app import imaging
 from app.spec import ModelSpec
 
-from ..conftest import MODELS, live_server
+from ..conftest import MODELS
 
 EFFICIENTNET = ModelSpec.model_validate_json((MODELS / "efficientnet_lite0" / "model.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def server():
-    with live_server() as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def triton_client(server):
-    client = triton.InferenceServerClient(url=server.removeprefix("http://"))
+def triton_client(live_url):
+    client = triton.InferenceServerClient(url=live_url.removeprefix("http://"))
     yield client
     client.close()
 
@@ -79,19 +73,19 @@ def test_model_config_describes_batching(triton_client):
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_infer_top5_equals_classify_on_the_same_photo(server, triton_client, photos, binary):
+def test_infer_top5_equals_classify_on_the_same_photo(live_url, triton_client, photos, binary):
     result = infer(triton_client, tensor(photos["chelsea"]), binary)
     logits = result.as_numpy("logits")
-    served = classify(server, photos["chelsea"])
+    served = classify(live_url, photos["chelsea"])
     assert logits.shape == (1, 1000)
     assert list(np.argsort(-logits[0])[:5]) == [p["index"] for p in served]
     assert result.get_response()["id"] == "photo-1"
 
 
-def test_classification_extension_gives_value_index_label(server, triton_client, photos):
+def test_classification_extension_gives_value_index_label(live_url, triton_client, photos):
     result = infer(triton_client, tensor(photos["coffee"]), binary=True, class_count=5)
     rows = result.as_numpy("logits")
-    served = classify(server, photos["coffee"])
+    served = classify(live_url, photos["coffee"])
     entries = [entry.decode().split(":", 2) for entry in rows[0]]
     assert [(int(index), label) for _, index, label in entries] == [(p["index"], p["label"]) for p in served]
     assert "espresso" in entries[0][2]

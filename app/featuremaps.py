@@ -43,7 +43,14 @@ class Analysis:
 class FeatureMapSession:
     """One ONNX Runtime session whose outputs are the model's own plus every layer's tensor."""
 
-    def __init__(self, model: onnx.ModelProto, spec: ModelSpec, analysis: Analysis, settings: Settings) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        spec: ModelSpec,
+        analysis: Analysis,
+        settings: Settings,
+        threads: int | None = None,
+    ) -> None:
         self.spec = spec
         self.analysis = analysis
         wanted = [layer.tensor for layer in analysis.layers]
@@ -51,7 +58,7 @@ class FeatureMapSession:
         if analysis.cam is not None:
             wanted.append(analysis.cam.features)
         self.outputs = list(dict.fromkeys([spec.output.name, *wanted]))
-        self.session = create_session(promote(model, self.outputs).SerializeToString(), settings)
+        self.session = create_session(promote(model, self.outputs).SerializeToString(), settings, threads)
         self.shapes = self._probe()
 
     def _probe(self) -> dict[str, tuple[int, ...]]:

@@ -174,7 +174,7 @@ def attach_featuremaps(model: LoadedModel, proto: onnx.ModelProto, settings: Set
         fresh = onnx.load_from_string(read_verified(model.path / "model.onnx", model.spec.sha256))
         if check_external_data(fresh, model.path):
             onnx.external_data_helper.load_external_data_for_model(fresh, str(model.path))
-        return FeatureMapSession(fresh, model.spec, model.analysis, settings)
+        return FeatureMapSession(fresh, model.spec, model.analysis, settings, model.threads)
 
     model.featuremaps = LazyFeatureMaps(build)
 

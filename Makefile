@@ -58,7 +58,7 @@ format: $(VENV)/.dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-train: $(VENV)/.dev dataset  ## train the four Fashion-MNIST networks (about 45 min on 2 cores)
+train: $(VENV)/.dev dataset  ## train the four Fashion-MNIST networks (about 50 min on 2 cores)
 	$(BIN)/python -m training.train --arch lenet5 --epochs 40 --lr 3e-3
 	$(BIN)/python -m training.train --arch alexnet --epochs 15
 	$(BIN)/python -m training.train --arch googlenet --epochs 18

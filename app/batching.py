@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,7 @@ class Batcher:
         self.tasks: list[asyncio.Task] = []
         self.arrived: asyncio.Event | None = None
         self.seconds_per_batch = 0.05  # refined by measurement; sizes Retry-After
+        self.admitted = 0
 
     async def infer(self, batch: np.ndarray, timeout: float) -> np.ndarray:
         """The model's output for ``batch`` (one image, or several from the V2 protocol), run in
@@ -80,6 +82,26 @@ class Batcher:
         self.metrics.queue_depth.labels(self.name).set(len(self.queue))
         self.arrived.set()
         return await pending.future
+
+    @property
+    def capacity(self) -> int:
+        """Requests this model holds at once: what its workers run plus what its queue holds."""
+        return self.max_queue + self.max_batch * self.workers
+
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        """Counts a request from before its image is decoded until it is answered, so that a burst
+        is refused at the door (429) instead of piling up in the decoder, where no queue bound
+        would limit its latency: measured with 64 clients sending 12-megapixel photos, p99 was
+        0.9 s without this."""
+        if self.admitted >= self.capacity:
+            self.metrics.rejected.labels(self.name).inc()
+            raise Overloaded(self.name, self.retry_after())
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     def retry_after(self) -> int:
         backlog = len(self.queue) / (self.max_batch * self.workers)

@@ -57,7 +57,8 @@ async def classify(
 ) -> ClassifyResponse:
     if top_k_ > settings.max_top_k:
         raise ApiError(422, f"top_k must be at most {settings.max_top_k}")
-    batch = await imaging.prepare_off_loop(image, model.spec.input, settings.max_pixels)
-    logits = await unless_disconnected(request, model.infer(batch))
+    with model.batcher.admission():
+        batch = await imaging.prepare_off_loop(image, model.spec.input, settings.max_pixels)
+        logits = await unless_disconnected(request, model.infer(batch))
     predictions = top_k(logits[0], model.spec.output.kind, top_k_, model.spec.labels)
     return ClassifyResponse(model=model.name, predictions=predictions)

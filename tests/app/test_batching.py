@@ -167,6 +167,18 @@ def test_a_model_failure_reaches_every_request_in_the_batch():
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(scenario()))
 
 
+def test_admission_refuses_beyond_what_the_queue_and_the_workers_hold(lenet):
+    session, _ = lenet
+    b = batcher(Gate(session), max_queue=3, max_batch=2, workers=1)
+    with b.admission(), b.admission(), b.admission(), b.admission(), b.admission():
+        with pytest.raises(Overloaded), b.admission():
+            pass
+        assert b.admitted == 5
+    assert b.admitted == 0
+    with b.admission():
+        assert b.admitted == 1
+
+
 def test_a_queue_delay_gathers_requests_that_arrive_close_together(lenet):
     session, images = lenet
     gate = Gate(session)

@@ -16,6 +16,8 @@ COPY training /src/training
 RUN /opt/venv/bin/pip install --no-cache-dir /src
 
 FROM ${CUDA_IMAGE} AS gpu-build
+# Ubuntu's python3 is not pinned to a point release: the archive drops old ones, which would break
+# the build; the CUDA base tag already fixes the distribution release.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \

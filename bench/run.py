@@ -101,6 +101,13 @@ def start(command: list[str], env: dict, ready_url: str) -> subprocess.Popen:
     raise RuntimeError(f"{command} never became ready")
 
 
+def start_service(env: dict) -> tuple[int, subprocess.Popen]:
+    """``python -m app serve`` on a free loopback port, ready; quiet unless ``env`` says otherwise."""
+    port = free_port()
+    command = [sys.executable, "-m", "app", "serve", "--port", str(port)]
+    return port, start(command, {"CNNSERVE_LOG_LEVEL": "warning", **env}, f"http://127.0.0.1:{port}/readyz")
+
+
 def stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -170,12 +177,7 @@ def run_peer(inputs, workloads, connections, seconds, bar) -> dict:
 
 
 def run_service(inputs, workloads, connections, seconds, bar, env: dict) -> tuple[dict, dict]:
-    port = free_port()
-    service = start(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        {"CNNSERVE_LOG_LEVEL": "warning", **env},
-        f"http://127.0.0.1:{port}/readyz",
-    )
+    port, service = start_service(env)
     try:
         memory = {"ready_mb": rss_mb(service.pid)}
         url = lambda w: f"http://127.0.0.1:{port}/classify?model={w.model}"  # noqa: E731

@@ -14,7 +14,6 @@ import argparse
 import http.client
 import json
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bench.run import free_port, make_inputs, rss_mb, start, stop
+from bench.run import make_inputs, rss_mb, start_service, stop
 
 
 @dataclass(frozen=True)
@@ -83,12 +82,7 @@ class Connection:
 def soak(args: argparse.Namespace, inputs: Path) -> dict:
     calls = mixed_calls(inputs)
     population, weights = [c for c, _ in calls], [w for _, w in calls]
-    port = free_port()
-    server = start(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        {"CNNSERVE_LOG_LEVEL": "warning", "MALLOC_ARENA_MAX": "2"},
-        f"http://127.0.0.1:{port}/readyz",
-    )
+    port, server = start_service({"MALLOC_ARENA_MAX": "2"})
     answers: Counter[tuple[str, int | str]] = Counter()
     lock, remaining = threading.Lock(), [args.requests]
     samples = [(0, rss_mb(server.pid))]
@@ -132,12 +126,7 @@ def soak(args: argparse.Namespace, inputs: Path) -> dict:
 
 def overload(args: argparse.Namespace, inputs: Path) -> dict:
     big = Call("12-megapixel JPEG", "POST", "/classify", (inputs / "big.jpg").read_bytes(), "image/jpeg")
-    port = free_port()
-    server = start(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        {"CNNSERVE_LOG_LEVEL": "warning"},
-        f"http://127.0.0.1:{port}/readyz",
-    )
+    port, server = start_service({})
     results: list[tuple[int | str, float]] = []
     health: list[tuple[int | str, float]] = []
     stop_at = time.monotonic() + args.seconds
@@ -182,13 +171,8 @@ def featurecost(args: argparse.Namespace, inputs: Path) -> dict:
     """What /featuremaps costs the service: memory once every model's feature-map session exists,
     and /classify latency (one client, so no batching) before and after they are built."""
     photo = Call("classify", "POST", "/classify", (inputs / "small.jpg").read_bytes(), "image/jpeg")
-    port = free_port()
     started = time.perf_counter()
-    server = start(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        {"CNNSERVE_LOG_LEVEL": "warning"},
-        f"http://127.0.0.1:{port}/readyz",
-    )
+    port, server = start_service({})
     figures: dict = {"ready_seconds": time.perf_counter() - started, "ready_rss_mb": rss_mb(server.pid)}
     connection = Connection(port)
 

@@ -13,6 +13,7 @@ from app.batching import DeadlineExceeded, Overloaded
 from app.deps import RegistryDep, SettingsDep
 from app.disconnect import unless_disconnected
 from app.registry import LoadedModel, Registry
+from app.routes.health import is_ready
 from app.v2 import (
     HEADER_LENGTH,
     ORT_DATATYPES,
@@ -81,8 +82,7 @@ async def live() -> Response:
 
 @router.get("/health/ready", summary="The server is ready for inference")
 async def ready(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
-    is_ready = registry.loaded and settings.default_model in registry.models and not request.app.state.draining
-    return Response(status_code=200 if is_ready else 503)
+    return Response(status_code=200 if is_ready(registry, settings, request.app.state.draining) else 503)
 
 
 @router.get("/models/{name}", summary="Model metadata")

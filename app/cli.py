@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
+import tempfile
 import threading
 import urllib.request
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.config import STARTUP_FAILURE
 
 from app.config import Settings
+from app.workers import Supervisor, listening_sockets
+
+log = logging.getLogger("cnnserve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--models-dir", help="model repository (default models/)")
     serve.add_argument("--default-model", help="model used when a request names none")
     serve.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="execution provider choice")
+    serve.add_argument(
+        "--processes", type=int, help="server processes sharing the port (default: one per core on the CPU, up to 4)"
+    )
     classify = commands.add_parser("classify", help="classify image files with a running service, print the top-k")
     classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     classify.add_argument("--model", help="model name (default: the service's default model)")
@@ -63,15 +74,8 @@ class DrainingServer(uvicorn.Server):
             threading.Timer(self.drain_seconds, super().handle_exit, (sig, frame)).start()
 
 
-def serve(args: argparse.Namespace) -> None:
-    overrides = {
-        "CNNSERVE_MODELS_DIR": args.models_dir,
-        "CNNSERVE_DEFAULT_MODEL": args.default_model,
-        "CNNSERVE_PROVIDERS": args.providers,
-        "CNNSERVE_HOST": args.host,
-        "CNNSERVE_PORT": None if args.port is None else str(args.port),
-    }
-    os.environ.update({key: value for key, value in overrides.items() if value is not None})
+def run_server(sockets: list[socket.socket] | None = None) -> None:
+    """One server process, configured by the environment (which serve() has filled in)."""
     from app.main import create_app
 
     settings = Settings()
@@ -79,7 +83,47 @@ def serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+    server = DrainingServer(config, app, settings.drain_seconds)
+    server.run(sockets)
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def serve(args: argparse.Namespace) -> None:
+    overrides = {
+        "CNNSERVE_MODELS_DIR": args.models_dir,
+        "CNNSERVE_DEFAULT_MODEL": args.default_model,
+        "CNNSERVE_PROVIDERS": args.providers,
+        "CNNSERVE_HOST": args.host,
+        "CNNSERVE_PORT": None if args.port is None else str(args.port),
+        "CNNSERVE_PROCESSES": None if args.processes is None else str(args.processes),
+    }
+    os.environ.update({key: value for key, value in overrides.items() if value is not None})
+    from app.runtime import process_count  # here, so that `cnnserve probe` never loads ONNX Runtime
+
+    settings = Settings()
+    count = process_count(settings)
+    if count == 1:
+        run_server()
+    else:
+        sys.exit(supervise(settings, count))
+
+
+def supervise(settings: Settings, count: int) -> int:
+    """``count`` server processes on the port until SIGTERM; their metrics are shared through a
+    scratch folder (prometheus_client's multiprocess mode) unless PROMETHEUS_MULTIPROC_DIR names one."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    from app.main import configure_logging
+
+    configure_logging(settings.log_level)
+    os.environ["CNNSERVE_PROCESSES"] = str(count)  # each process sizes its ONNX Runtime threads by it
+    with tempfile.TemporaryDirectory(prefix="cnnserve-metrics-") as scratch:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", scratch)
+        sockets = listening_sockets(settings.host, settings.port, count)
+        log.info("serving on http://%s:%d with %d processes", settings.host, settings.port, count)
+        forget = partial(mark_process_dead, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])  # its live gauges
+        return Supervisor(run_server, sockets, on_death=forget).run()
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:

@@ -24,6 +24,9 @@ def available_cpus() -> int:
     return cpus
 
 
+MAX_AUTO_PROCESSES = 4  # each process holds every model: memory grows with the count
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CNNSERVE_", env_file=".env", extra="ignore")
 
@@ -59,6 +62,19 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         0.0, ge=0, le=300, description="after SIGTERM: answer /readyz 503 this long, still serving, before stopping"
     )
+    processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="server processes sharing the port, each with every model; 0: one per core (at most "
+        f"{MAX_AUTO_PROCESSES}) on the CPU provider, one with CUDA",
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="prometheus_client's folder for metrics shared by processes; set by `cnnserve serve` when it "
+        "starts several",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -74,7 +90,12 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
+    @property
+    def cores(self) -> int:
+        """The CPUs this process's inference may use: its share when several processes serve."""
+        return max(1, available_cpus() // max(1, self.processes))
+
     @computed_field
     @cached_property
     def threads(self) -> int:
-        return self.intra_op_threads or available_cpus()
+        return self.intra_op_threads or self.cores

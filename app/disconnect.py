@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
 
 T = TypeVar("T")
+WATCH_AFTER = 0.01  # seconds a request waits before its connection is watched
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 
 
@@ -23,16 +23,27 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+async def unless_disconnected(request: Request, work: asyncio.Future[T]) -> T:
     """The result of ``work``, or ClientGone with ``work`` cancelled (a queued inference is then
-    dropped before it runs)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    dropped before it runs). The connection is watched only once the request has waited
+    WATCH_AFTER: a watcher task for every request cost LeNet-5 4% of its throughput, to save
+    inferences that take a tenth of a millisecond."""
+    loop = asyncio.get_running_loop()
+    watcher: asyncio.Future | None = None
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(_disconnected(request))
+        watcher.add_done_callback(lambda _: work.cancel())
+
+    timer = loop.call_later(WATCH_AFTER, watch)
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        raise ClientGone
+        return await work
+    except asyncio.CancelledError:
+        if watcher is not None and watcher.done() and not watcher.cancelled():
+            raise ClientGone from None
+        raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()

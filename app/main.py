@@ -38,7 +38,7 @@ Send an image (multipart field `file`, or the raw body with an `image/*` content
 def configure_logging(level: str) -> None:
     if not log.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level.upper())
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level)
     app = FastAPI(title="cnnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(settings.prometheus_multiproc_dir)
     app.state.registry = Registry()
     app.state.draining = False
     errors.install(app)

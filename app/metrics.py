@@ -1,18 +1,24 @@
 """Prometheus metrics, on a registry of the app's own (so several apps in one process never clash),
-and the ASGI middleware that counts every request by endpoint, model and status."""
+and the ASGI middleware that counts every request by endpoint, model and status.
+
+When several server processes share the port, prometheus_client's multiprocess mode (its
+PROMETHEUS_MULTIPROC_DIR) keeps each process's values in that folder and /metrics, whichever
+process answers, adds them all up: a scrape sees the service, not one process of it."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "cnnserve_requests",
@@ -49,7 +55,11 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "cnnserve_queue_depth", "Requests waiting for a batch, per model.", ["model"], registry=self.registry
+            "cnnserve_queue_depth",
+            "Requests waiting for a batch, per model.",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "cnnserve_rejected",
@@ -68,13 +78,22 @@ class Metrics:
             "1 for each model served, labelled with the execution provider it got.",
             ["model", "provider"],
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.model_failed = Gauge(
-            "cnnserve_model_failed", "1 for each model folder refused at load.", ["model"], registry=self.registry
+            "cnnserve_model_failed",
+            "1 for each model folder refused at load.",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="max",
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_process, path=str(self.multiprocess_dir))
+        return generate_latest(every_process)
 
 
 class MetricsMiddleware:

@@ -3,11 +3,11 @@ with a reason that /models shows. One broken folder never stops the others from 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import onnxruntime as ort
 from pydantic import ValidationError
 
 from app.batching import Batcher
-from app.config import Settings, available_cpus
+from app.config import Settings
 from app.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
 from app.metrics import Metrics
 from app.runtime import ProviderUnavailable, create_session
@@ -38,7 +38,6 @@ class LoadedModel:
     session: ort.InferenceSession
     path: Path
     load_seconds: float
-    executor: ThreadPoolExecutor | None = field(default=None, repr=False)
     analysis: Analysis = field(default_factory=lambda: Analysis([], None), repr=False)
     featuremaps: LazyFeatureMaps | None = field(default=None, repr=False)
     batcher: Batcher | None = field(default=None, repr=False)
@@ -57,9 +56,10 @@ class LoadedModel:
         (logits,) = self.session.run([self.spec.output.name], {self.spec.input.name: batch})
         return logits
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Through the dynamic batcher, on this model's worker threads, never on the event loop."""
-        return await self.batcher.infer(batch, self.timeout)
+    def infer(self, batch: np.ndarray) -> asyncio.Future:
+        """Through the dynamic batcher, on this model's worker threads, never on the event loop;
+        cancelling the future drops the request if it has not run yet."""
+        return self.batcher.submit(batch, self.timeout)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,6 @@ class Registry:
     async def close(self) -> None:
         for model in self.models.values():
             await model.batcher.close()
-            model.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def load_all(settings: Settings, registry: Registry, metrics: Metrics) -> Registry:
@@ -117,11 +116,9 @@ def load_model(folder: Path, settings: Settings, metrics: Metrics, started: floa
     if model.threads != settings.threads:
         model.session = open_session(source, settings, model.threads)
         warm_up(model)
-    model.executor = ThreadPoolExecutor(workers, f"infer-{spec.name}")
     model.batcher = Batcher(
         spec.name,
         model.run,
-        model.executor,
         max_batch=settings.max_batch_size,
         max_delay=settings.max_queue_delay_ms / 1000,
         max_queue=settings.max_queue,
@@ -236,7 +233,7 @@ def execution_plan(settings: Settings, seconds_per_image: float) -> tuple[int, i
     one-thread workers than as one two-thread worker, while LeNet-5 (30 us) served 40% more as one
     two-thread worker than as one one-thread worker: fast models get one worker with every core,
     slow ones a worker per core."""
-    cpus = available_cpus()
+    cpus = settings.cores
     if seconds_per_image < FAST_MODEL_SECONDS:
         workers = settings.inference_workers or 1
     else:

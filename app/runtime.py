@@ -10,7 +10,7 @@ import logging
 
 import onnxruntime as ort
 
-from app.config import Settings
+from app.config import MAX_AUTO_PROCESSES, Settings, available_cpus
 
 log = logging.getLogger("cnnserve.runtime")
 
@@ -35,6 +35,20 @@ def choose_providers(preference: str, available: list[str]) -> list[str | tuple[
             f"only {available}; install onnxruntime-gpu (pip install 'cnnserve[gpu]') on a machine with an NVIDIA GPU"
         )
     return [CPU]
+
+
+def process_count(settings: Settings) -> int:
+    """How many server processes to start. On the CPU, one per core: each process's event loop then
+    has a core of its own, and the Python around a fast model's inference stops being the limit
+    (measured on 2 cores: LeNet-5 served 55% more 28x28 PNGs, small JPEGs 10% more, 12-megapixel
+    JPEGs the same). With CUDA, one process owns the GPU so that its batches fill it."""
+    if settings.processes:
+        return settings.processes
+    try:
+        wanted = choose_providers(settings.providers, ort.get_available_providers())
+    except ProviderUnavailable:
+        return 1  # every model will be refused, with the reason, in the one process
+    return 1 if wanted[0] != CPU else min(available_cpus(), MAX_AUTO_PROCESSES)
 
 
 def session_options(threads: int) -> ort.SessionOptions:

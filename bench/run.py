@@ -30,6 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 LUA = Path(__file__).resolve().parent / "post.lua"
+READY_IN_A_ROW = 20
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,23 @@ def free_port() -> int:
 
 
 def start(command: list[str], env: dict, ready_url: str) -> subprocess.Popen:
+    """Started and ready: READY_IN_A_ROW answers of 200 on fresh connections, so that with several
+    server processes (connections spread by the kernel) every one of them has loaded its models."""
     process = subprocess.Popen(
         command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline, in_a_row = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and in_a_row < READY_IN_A_ROW:
         try:
             with urllib.request.urlopen(ready_url, timeout=2):
-                return process
+                in_a_row += 1
         except OSError:
+            in_a_row = 0
             time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"{command} never became ready")
+    if in_a_row < READY_IN_A_ROW:
+        process.kill()
+        raise RuntimeError(f"{command} never became ready")
+    return process
 
 
 def start_service(env: dict) -> tuple[int, subprocess.Popen]:
@@ -117,10 +123,14 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of the process and all its descendants (the service's server processes)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+    return own + sum(rss_mb(int(child)) for child in children)
 
 
 def wrk(url: str, file: Path, media_type: str, connections: int, seconds: float) -> dict:

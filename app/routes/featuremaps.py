@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Literal
 
 import numpy as np
@@ -26,8 +25,7 @@ CHANNELS_PATTERN = r"^\d+(-\d+)?(,\d+(-\d+)?)*$"
 async def session_of(model: LoadedModel) -> FeatureMapSession:
     if model.featuremaps is None:
         raise ApiError(404, f"model {model.name!r} offers no feature maps (disabled, or its graph could not be read)")
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(model.executor, model.featuremaps.get)
+    return await model.batcher.call(model.featuremaps.get)
 
 
 def describe_layer(layer: Layer, session: FeatureMapSession) -> LayerInfo:
@@ -143,8 +141,7 @@ async def featuremaps(
     shape = session.shapes[chosen_layer.tensor]
     picked = parse_channels(channels, shape[0], settings.max_feature_channels)
     batch = await imaging.prepare_off_loop(image, model.spec.input, settings.max_pixels)
-    loop = asyncio.get_running_loop()
-    (maps,) = await loop.run_in_executor(model.executor, session.run, batch, [chosen_layer.tensor])
+    (maps,) = await model.batcher.call(session.run, batch, [chosen_layer.tensor])
     maps = maps[0][picked]
     info = describe_layer(chosen_layer, session)
     if format == "json":
@@ -201,10 +198,7 @@ async def cam(
         raise ApiError(422, f"class_index must be below {len(model.spec.labels)}")
     photo = await run_in_threadpool(imaging.fit, image, model.spec.input, settings.max_pixels)
     batch = imaging.to_tensor(photo, model.spec.input)
-    loop = asyncio.get_running_loop()
-    features, logits = await loop.run_in_executor(
-        model.executor, session.run, batch, [head.features, model.spec.output.name]
-    )
+    features, logits = await model.batcher.call(session.run, batch, [head.features, model.spec.output.name])
     chosen = int(logits[0].argmax()) if class_index is None else class_index
     heat = np.maximum(np.tensordot(head.weights[chosen], features[0], axes=1), 0)
     heat = heat / heat.max() if heat.max() > 0 else heat

@@ -33,8 +33,10 @@ class Gate:
         self.session = session
         self.sizes: list[int] = []
         self.open = threading.Event()
+        self.entered = threading.Event()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
         self.open.wait(10)
         self.sizes.append(len(batch))
         return self.session.run(None, {"input": batch})[0]
@@ -42,7 +44,15 @@ class Gate:
 
 def batcher(run, **options) -> Batcher:
     settings = {"max_batch": 8, "max_delay": 0.0, "max_queue": 32, "workers": 1, **options}
-    return Batcher("lenet5", run, ThreadPoolExecutor(1), metrics=Metrics(), **settings)
+    return Batcher("lenet5", run, metrics=Metrics(), **settings)
+
+
+async def hold_worker(b: Batcher, gate: Gate, image: np.ndarray) -> asyncio.Future:
+    """A first request that the one worker takes and is held on, so that what follows queues."""
+    first = b.submit(image, timeout=10)
+    while not gate.entered.is_set():
+        await asyncio.sleep(0.005)
+    return first
 
 
 async def release_later(gate: Gate, delay: float = 0.05) -> None:
@@ -56,14 +66,15 @@ def test_concurrent_requests_are_joined_and_each_gets_its_own_row(lenet):
     b = batcher(gate)
 
     async def scenario():
-        requests = [b.infer(images[i : i + 1], timeout=10) for i in range(9)]
-        results = await asyncio.gather(*requests, release_later(gate))
+        first = await hold_worker(b, gate, images[:1])
+        requests = [b.infer(images[i : i + 1], timeout=10) for i in range(1, 10)]
+        results = await asyncio.gather(first, *requests, release_later(gate))
         await b.close()
-        return results[:9]
+        return results[:10]
 
     results = asyncio.run(scenario())
-    expected = session.run(None, {"input": images[:9]})[0]
-    assert sorted(gate.sizes) == [1, 8]  # nine waiting requests: one full batch of eight, then the last
+    expected = session.run(None, {"input": images[:10]})[0]
+    assert gate.sizes == [1, 8, 1]  # nine waiting behind the first: one full batch of eight, then the last
     for i, row in enumerate(results):
         assert np.allclose(row, expected[i : i + 1], atol=1e-5)
 
@@ -74,18 +85,19 @@ def test_requests_of_several_images_share_batches_up_to_the_image_limit(lenet):
     b = batcher(gate)
 
     async def scenario():
+        first = await hold_worker(b, gate, images[10:11])
         requests = [
             b.infer(images[0:3], timeout=10),
             b.infer(images[3:8], timeout=10),
             b.infer(images[8:10], timeout=10),
         ]
-        results = await asyncio.gather(*requests, release_later(gate))
+        results = await asyncio.gather(first, *requests, release_later(gate))
         await b.close()
-        return results[:3]
+        return results[1:4]
 
     results = asyncio.run(scenario())
     expected = session.run(None, {"input": images[:10]})[0]
-    assert sorted(gate.sizes) == [2, 8]  # 3 + 5 images fill one batch of eight; the pair of two waits
+    assert gate.sizes == [1, 8, 2]  # 3 + 5 images fill one batch of eight; the pair of two waits
     assert np.allclose(np.concatenate(results), expected, atol=1e-5)
 
 
@@ -95,8 +107,7 @@ def test_a_full_queue_refuses_at_once_with_a_retry_after(lenet):
     b = batcher(gate, max_queue=3)
 
     async def scenario():
-        first = asyncio.ensure_future(b.infer(images[:1], timeout=10))
-        await asyncio.sleep(0.01)  # the first is taken; three more fill the queue
+        first = await hold_worker(b, gate, images[:1])  # the first is taken; three more fill the queue
         queued = [asyncio.ensure_future(b.infer(images[:1], timeout=10)) for _ in range(3)]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded) as refused:
@@ -116,8 +127,7 @@ def test_requests_whose_client_has_gone_cost_no_inference(lenet):
     b = batcher(gate)
 
     async def scenario():
-        first = asyncio.ensure_future(b.infer(images[:1], timeout=10))
-        await asyncio.sleep(0.01)
+        first = await hold_worker(b, gate, images[:1])
         gone = [asyncio.ensure_future(b.infer(images[:1], timeout=10)) for _ in range(5)]
         kept = asyncio.ensure_future(b.infer(images[1:2], timeout=10))
         await asyncio.sleep(0)
@@ -137,8 +147,7 @@ def test_a_request_past_its_deadline_is_dropped_unrun(lenet):
     b = batcher(gate)
 
     async def scenario():
-        first = asyncio.ensure_future(b.infer(images[:1], timeout=10))
-        await asyncio.sleep(0.01)
+        first = await hold_worker(b, gate, images[:1])
         late = asyncio.ensure_future(b.infer(images[:1], timeout=0.01))
         await asyncio.sleep(0.05)
         gate.open.set()
@@ -198,12 +207,12 @@ def test_a_queue_delay_gathers_requests_that_arrive_close_together(lenet):
 
 
 def test_overload_over_http_is_429_with_retry_after(photos):
-    settings = Settings(models_dir=MODELS, default_model="lenet5", max_queue=1, max_batch_size=1)
+    settings = Settings(models_dir=MODELS, default_model="lenet5", max_queue=2, max_batch_size=1)
     image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
     with running_client(settings) as client:
         model = client.app.state.registry.models["lenet5"]
-        hold = threading.Event()
-        model.executor.submit(hold.wait, 10)  # the one worker is busy: batches wait, the queue fills
+        hold, original = threading.Event(), model.batcher.run
+        model.batcher.run = lambda batch: hold.wait(10) and original(batch)  # the one worker is held: the queue fills
         with ThreadPoolExecutor(6) as pool:
             futures = [
                 pool.submit(client.post, "/classify", content=image, headers={"content-type": "image/png"})
@@ -216,3 +225,23 @@ def test_overload_over_http_is_429_with_retry_after(photos):
         too_many = next(r for r in responses if r.status_code == 429)
         assert int(too_many.headers["retry-after"]) >= 1 and "capacity" in too_many.json()["detail"]
         assert client.get("/healthz").status_code == 200
+
+
+def test_other_work_runs_alone_on_the_models_own_threads(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+
+    async def scenario():
+        first = await hold_worker(b, gate, images[:1])
+        job = asyncio.ensure_future(b.call(lambda: (threading.current_thread().name, list(gate.sizes))))
+        await asyncio.sleep(0.02)
+        assert not job.done()  # the one worker is busy: the job waits its turn, as a batch would
+        gate.open.set()
+        await first
+        result = await job
+        await b.close()
+        return result
+
+    thread, sizes_then = asyncio.run(scenario())
+    assert thread == "infer-lenet5-0" and sizes_then == [1]

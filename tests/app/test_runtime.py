@@ -2,9 +2,9 @@
 
 import pytest
 
-from app.config import Settings, available_cpus
+from app.config import MAX_AUTO_PROCESSES, Settings, available_cpus
 from app.registry import execution_plan
-from app.runtime import CPU, CUDA, ProviderUnavailable, choose_providers
+from app.runtime import CPU, CUDA, ProviderUnavailable, choose_providers, process_count
 
 from ..conftest import running_client
 
@@ -61,3 +61,20 @@ def test_served_models_got_workers_by_their_measured_speed(client):
     models = client.app.state.registry.models
     assert models["lenet5"].batcher.workers == 1
     assert models["efficientnet_lite0"].batcher.workers == available_cpus()
+
+
+def test_on_the_cpu_the_service_starts_a_process_per_core_up_to_a_bound():
+    assert process_count(Settings(providers="cpu")) == min(available_cpus(), MAX_AUTO_PROCESSES)
+    assert process_count(Settings(providers="cpu", processes=3)) == 3
+
+
+def test_demanded_cuda_it_cannot_have_starts_one_process_that_refuses_the_models():
+    assert process_count(Settings(providers="cuda")) == 1
+
+
+def test_several_processes_share_the_cores_between_their_threads():
+    cpus = available_cpus()
+    assert Settings(processes=2).cores == max(1, cpus // 2)
+    assert Settings(processes=2).threads == max(1, cpus // 2)
+    assert execution_plan(Settings(processes=cpus), seconds_per_image=0.003) == (1, 1)
+    assert Settings(processes=4 * cpus).cores == 1

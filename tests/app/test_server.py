@@ -1,13 +1,18 @@
 """A real uvicorn process, talked to over a socket, as users run it."""
 
 import json
+import os
 import signal
 import subprocess
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from ..conftest import live_server
+from ..conftest import live_server, png_bytes, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +39,68 @@ def test_the_server_logs_each_model_and_its_provider_then_stops_on_sigterm(serve
     assert "loaded model lenet5 on CPUExecutionProvider" in output
     assert "Finished server process" in output  # uvicorn shut down gracefully, then re-raised the signal
     assert process.returncode in (0, -signal.SIGTERM)
+
+
+def server_processes(pid: int) -> list[int]:
+    """The server processes a `cnnserve serve` supervisor has started (not multiprocessing's tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def several(tmp_path_factory):
+    metrics_dir = tmp_path_factory.mktemp("metrics")
+    with live_server(output=subprocess.PIPE, CNNSERVE_PROCESSES="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)) as (
+        url,
+        process,
+    ):
+        yield url, process, metrics_dir
+
+
+def classify_lenet(url: str, image: bytes) -> dict:
+    request = urllib.request.Request(f"{url}/classify?model=lenet5", data=image, headers={"content-type": "image/png"})
+    with urllib.request.urlopen(request, timeout=30) as response:  # a fresh connection each time
+        return json.loads(response.read())
+
+
+def test_several_processes_share_the_port_and_metrics_count_them_all(several, photos):
+    url, process, metrics_dir = several
+    pids = server_processes(process.pid)
+    assert len(pids) == 2
+    image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
+    for _ in range(60):
+        assert len(classify_lenet(url, image)["predictions"]) == 5
+    families = {
+        f.name: f for f in text_string_to_metric_families(urllib.request.urlopen(f"{url}/metrics").read().decode())
+    }
+    served = sum(
+        s.value
+        for s in families["cnnserve_requests"].samples
+        if s.name.endswith("_total") and s.labels["endpoint"] == "/classify" and s.labels["status"] == "200"
+    )
+    assert served == 60  # whichever process answered /metrics, it counted the other's requests too
+    recorded = {int(f.stem.rsplit("_", 1)[1]) for f in metrics_dir.glob("counter_*.db")}
+    assert set(pids) <= recorded  # the kernel spread the 60 connections over both processes
+
+
+def test_a_server_process_that_dies_is_replaced(several, photos):
+    url, process, _ = several
+    victim = server_processes(process.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while victim in server_processes(process.pid) or len(server_processes(process.pid)) < 2:
+        assert time.monotonic() < deadline, "no replacement process was started"
+        time.sleep(0.1)
+    wait_ready(url, process)
+    image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
+    assert all(len(classify_lenet(url, image)["predictions"]) == 5 for _ in range(20))
+
+
+def test_sigterm_stops_every_server_process(several):
+    _, process, _ = several
+    pids = server_processes(process.pid)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert output.count("Finished server process") == 2
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]

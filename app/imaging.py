@@ -123,18 +123,24 @@ def to_colour(image: Image.Image, color: str) -> Image.Image:
 
 
 def geometry(image: Image.Image, spec: InputSpec) -> Image.Image:
-    """torchvision's evaluation transform: Resize(shorter side) then CenterCrop, or a plain resize."""
+    """torchvision's evaluation transform, Resize(shorter side) then CenterCrop, or a plain resize.
+
+    The crop is taken as the source box of the one resize, so only the pixels that survive it are
+    computed: 0.38 ms instead of 0.91 ms on a 451x300 photo, 9% more small JPEGs served. The
+    filter is the same; the box's fractional origin moves a value by at most one grey level (0 to
+    66 values of 150,528 on the test photos; EfficientNet's top-5 unchanged, scores within 2e-4),
+    which tests/app/test_imaging.py holds it to."""
     resample = RESAMPLE[spec.interpolation]
     if spec.resize is None:
         return image.resize((spec.width, spec.height), resample)
     w, h = image.size
-    if w <= h:
-        image = image.resize((spec.resize, int(spec.resize * h / w)), resample)
-    else:
-        image = image.resize((int(spec.resize * w / h), spec.resize), resample)
-    w, h = image.size
-    top, left = round((h - spec.height) / 2.0), round((w - spec.width) / 2.0)
-    return image.crop((left, top, left + spec.width, top + spec.height))
+    rw, rh = (spec.resize, int(spec.resize * h / w)) if w <= h else (int(spec.resize * w / h), spec.resize)
+    top, left = round((rh - spec.height) / 2.0), round((rw - spec.width) / 2.0)
+    if top < 0 or left < 0:  # a crop larger than the resized image: CenterCrop pads with black
+        return image.resize((rw, rh), resample).crop((left, top, left + spec.width, top + spec.height))
+    sx, sy = w / rw, h / rh
+    box = (left * sx, top * sy, (left + spec.width) * sx, (top + spec.height) * sy)
+    return image.resize((spec.width, spec.height), resample, box=box)
 
 
 def to_tensor(image: Image.Image, spec: InputSpec) -> np.ndarray:

@@ -25,10 +25,21 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 @pytest.mark.parametrize("photo", ["chelsea", "coffee", "astronaut", "rocket", "grace_hopper"])
-def test_service_preprocessing_equals_the_training_sides(photos, photo):
+def test_service_preprocessing_is_within_one_grey_level_of_the_training_sides(photos, photo):
+    """The service resizes only the box that survives the crop; the training side (torchvision's
+    way) resizes the whole photo, then crops. A pixel may differ by one grey level, rarely."""
     served = imaging.prepare(photos[photo].read_bytes(), EFFICIENTNET, 10**8)
     reference = training_photos.preprocess(photos[photo], EFFICIENTNET.model_dump())
-    assert np.array_equal(served, reference)
+    grey_levels = np.abs(served - reference) * np.float32(EFFICIENTNET.std)[:, None, None]
+    assert grey_levels.max() <= 1.0 + 1e-3
+    assert np.count_nonzero(grey_levels > 1e-3) < 0.001 * grey_levels.size
+
+
+def test_a_crop_larger_than_the_resized_image_is_padded_with_black():
+    tall_crop = EFFICIENTNET.model_copy(update={"resize": 224, "height": 256, "width": 224})
+    tensor = imaging.prepare(encode(Image.new("RGB", (448, 224), (255, 255, 255)), "PNG"), tall_crop, 10**6)
+    rows = tensor[0, 0, :, 112] * 128 + 127  # back to grey levels
+    assert tensor.shape == (1, 3, 256, 224) and rows[0] == 0 and rows[128] == 255
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])

@@ -40,8 +40,9 @@ def choose_providers(preference: str, available: list[str]) -> list[str | tuple[
 def process_count(settings: Settings) -> int:
     """How many server processes to start. On the CPU, one per core: each process's event loop then
     has a core of its own, and the Python around a fast model's inference stops being the limit
-    (measured on 2 cores: LeNet-5 served 55% more 28x28 PNGs, small JPEGs 10% more, 12-megapixel
-    JPEGs the same). With CUDA, one process owns the GPU so that its batches fill it."""
+    (measured on 2 cores against one process: LeNet-5 served 55% more 28x28 PNGs, small JPEGs 10%
+    more, 12-megapixel JPEGs 5% fewer). With CUDA, one process owns the GPU so that its batches
+    fill it."""
     if settings.processes:
         return settings.processes
     try:

@@ -120,6 +120,7 @@ def soak(args: argparse.Namespace, inputs: Path) -> dict:
         "answers": {f"{kind} -> {status}": n for (kind, status), n in sorted(answers.items(), key=str)},
         "rss_mb": samples,
         "growth_mb_after_warmup": samples[-1][1] - warm,
+        "growth_mb_over_last_20000": samples[-1][1] - next(m for n, m in samples if n >= args.requests - 20_000),
         "growth_mb_from_ready": samples[-1][1] - samples[0][1],
     }
 

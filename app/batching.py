@@ -117,9 +117,6 @@ class Batcher:
         self.inbox.put(pending)
         return pending.future
 
-    async def infer(self, batch: np.ndarray, timeout: float) -> np.ndarray:
-        return await self.submit(batch, timeout)
-
     async def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """``function(*args)`` on one of this model's worker threads."""
         self._start()

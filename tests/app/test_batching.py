@@ -67,7 +67,7 @@ def test_concurrent_requests_are_joined_and_each_gets_its_own_row(lenet):
 
     async def scenario():
         first = await hold_worker(b, gate, images[:1])
-        requests = [b.infer(images[i : i + 1], timeout=10) for i in range(1, 10)]
+        requests = [b.submit(images[i : i + 1], timeout=10) for i in range(1, 10)]
         results = await asyncio.gather(first, *requests, release_later(gate))
         await b.close()
         return results[:10]
@@ -87,9 +87,9 @@ def test_requests_of_several_images_share_batches_up_to_the_image_limit(lenet):
     async def scenario():
         first = await hold_worker(b, gate, images[10:11])
         requests = [
-            b.infer(images[0:3], timeout=10),
-            b.infer(images[3:8], timeout=10),
-            b.infer(images[8:10], timeout=10),
+            b.submit(images[0:3], timeout=10),
+            b.submit(images[3:8], timeout=10),
+            b.submit(images[8:10], timeout=10),
         ]
         results = await asyncio.gather(first, *requests, release_later(gate))
         await b.close()
@@ -108,10 +108,10 @@ def test_a_full_queue_refuses_at_once_with_a_retry_after(lenet):
 
     async def scenario():
         first = await hold_worker(b, gate, images[:1])  # the first is taken; three more fill the queue
-        queued = [asyncio.ensure_future(b.infer(images[:1], timeout=10)) for _ in range(3)]
+        queued = [asyncio.ensure_future(b.submit(images[:1], timeout=10)) for _ in range(3)]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded) as refused:
-            await b.infer(images[:1], timeout=10)
+            await b.submit(images[:1], timeout=10)
         gate.open.set()
         await asyncio.gather(first, *queued)
         await b.close()
@@ -128,8 +128,8 @@ def test_requests_whose_client_has_gone_cost_no_inference(lenet):
 
     async def scenario():
         first = await hold_worker(b, gate, images[:1])
-        gone = [asyncio.ensure_future(b.infer(images[:1], timeout=10)) for _ in range(5)]
-        kept = asyncio.ensure_future(b.infer(images[1:2], timeout=10))
+        gone = [asyncio.ensure_future(b.submit(images[:1], timeout=10)) for _ in range(5)]
+        kept = asyncio.ensure_future(b.submit(images[1:2], timeout=10))
         await asyncio.sleep(0)
         for task in gone:
             task.cancel()
@@ -148,7 +148,7 @@ def test_a_request_past_its_deadline_is_dropped_unrun(lenet):
 
     async def scenario():
         first = await hold_worker(b, gate, images[:1])
-        late = asyncio.ensure_future(b.infer(images[:1], timeout=0.01))
+        late = asyncio.ensure_future(b.submit(images[:1], timeout=0.01))
         await asyncio.sleep(0.05)
         gate.open.set()
         await first
@@ -168,7 +168,7 @@ def test_a_model_failure_reaches_every_request_in_the_batch():
 
     async def scenario():
         results = await asyncio.gather(
-            *[b.infer(np.zeros((1, 1, 28, 28), np.float32), 10) for _ in range(3)], return_exceptions=True
+            *[b.submit(np.zeros((1, 1, 28, 28), np.float32), 10) for _ in range(3)], return_exceptions=True
         )
         await b.close()
         return results
@@ -197,7 +197,7 @@ def test_a_queue_delay_gathers_requests_that_arrive_close_together(lenet):
     async def scenario():
         async def later(i):
             await asyncio.sleep(0.02 * i)
-            return await b.infer(images[i : i + 1], timeout=10)
+            return await b.submit(images[i : i + 1], timeout=10)
 
         await asyncio.gather(*[later(i) for i in range(4)])
         await b.close()

@@ -1,8 +1,10 @@
-"""Shared objects and request inputs handed to routes as FastAPI dependencies.
+"""Shared objects handed to routes as FastAPI dependencies, and the request inputs (model, image)
+that the inference routes read with plain calls.
 
 Every dependency is ``async def`` although none awaits: FastAPI runs a plain ``def`` dependency in
 its thread pool, and those three hops cost more than LeNet-5's inference (measured: LeNet-5 served
-1.38x as many 28x28 PNGs once they were gone).
+1.38x as many 28x28 PNGs once they were gone). The inference routes use none at all: solving
+them cost more than the rest of FastAPI's request handling.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ from fastapi import Depends, Query, Request
 
 from app.config import Settings
 from app.errors import ApiError
+from app.formdata import read_part
 from app.imaging import FORMATS, MEDIA_TYPES
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry
 from app.spec import NAME_PATTERN
 
-MULTIPART_MAX_FIELDS = 8
-MULTIPART_MAX_FIELD_BYTES = 64 * 1024  # for text fields; the file part is bounded by the body limit
 OCTET_STREAM = "application/octet-stream"
 
 
@@ -35,16 +36,18 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def resolve_model(
-    request: Request,
-    model: Annotated[
-        str | None, Query(pattern=NAME_PATTERN, description="model name; default: the configured default")
-    ] = None,
-) -> LoadedModel:
-    """Reads the registry and settings from the app itself rather than through two more
-    dependencies: FastAPI's per-request dependency solving is a cost on the hot path."""
+ModelName = Annotated[
+    str | None,
+    Query(alias="model", pattern=NAME_PATTERN, description="model name; default: the configured default"),
+]
+
+
+def lookup_model(request: Request, name: str | None) -> LoadedModel:
+    """The served model called ``name`` (or the default), else the error that says why not. A
+    plain call from the route rather than a dependency: FastAPI's dependency solving cost LeNet-5
+    requests about 20% of their time."""
     registry: Registry = request.app.state.registry
-    name = model or request.app.state.settings.default_model
+    name = name or request.app.state.settings.default_model
     request.state.model = name
     if name in registry.models:
         return registry.models[name]
@@ -74,19 +77,16 @@ async def image_bytes(request: Request) -> bytes:
         return await request.body()
     if media != "multipart/form-data":
         raise _unsupported(media)
-    form_limits = {"max_files": 1, "max_fields": MULTIPART_MAX_FIELDS, "max_part_size": MULTIPART_MAX_FIELD_BYTES}
-    async with request.form(**form_limits) as form:
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "the multipart body needs a file part named 'file'")
-        part_media = _media_type(upload.content_type)
-        if part_media and part_media != OCTET_STREAM and part_media not in MEDIA_TYPES:
-            raise _unsupported(part_media)
-        return await upload.read()
+    part = await read_part(request.headers["content-type"], request.stream(), "file")
+    if part is None:
+        raise ApiError(422, "the multipart body needs a file part named 'file'")
+    data, part_type = part
+    part_media = _media_type(part_type)
+    if part_media and part_media != OCTET_STREAM and part_media not in MEDIA_TYPES:
+        raise _unsupported(part_media)
+    return data
 
 
-ModelDep = Annotated[LoadedModel, Depends(resolve_model)]
-ImageDep = Annotated[bytes, Depends(image_bytes)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,11 @@ import onnx
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from app.batching import Batcher
+from app.batching import Batcher, Work
 from app.config import Settings
 from app.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
 from app.metrics import Metrics
-from app.runtime import ProviderUnavailable, create_session
+from app.runtime import CPU, ProviderUnavailable, create_session
 from app.spec import ModelSpec
 
 log = logging.getLogger("cnnserve.registry")
@@ -56,10 +57,18 @@ class LoadedModel:
         (logits,) = self.session.run([self.spec.output.name], {self.spec.input.name: batch})
         return logits
 
-    def infer(self, batch: np.ndarray) -> asyncio.Future:
+    @cached_property
+    def decodes_on_workers(self) -> bool:
+        """Whether images are decoded on this model's worker threads rather than the thread pool:
+        on the CPU, a one-thread worker is one core's worth of work, and decoding there too keeps
+        one busy thread per core with no extra hop. Multi-thread workers would idle their other
+        threads meanwhile, and an accelerator needs many cores decoding to keep it fed."""
+        return self.threads == 1 and self.providers[0] == CPU
+
+    def infer(self, work: Work) -> asyncio.Future:
         """Through the dynamic batcher, on this model's worker threads, never on the event loop;
         cancelling the future drops the request if it has not run yet."""
-        return self.batcher.submit(batch, self.timeout)
+        return self.batcher.submit(work, self.timeout)
 
 
 @dataclass(frozen=True)

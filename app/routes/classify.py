@@ -6,9 +6,10 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from app import imaging
-from app.deps import IMAGE_BODY, ImageDep, ModelDep, SettingsDep
+from app.deps import IMAGE_BODY, ModelName, image_bytes, lookup_model
 from app.disconnect import unless_disconnected
 from app.errors import ApiError
 from app.schemas import ClassifyResponse, ErrorBody, Prediction
@@ -50,15 +51,18 @@ def top_k(logits: np.ndarray, kind: str, k: int, labels: list[str]) -> list[Pred
 )
 async def classify(
     request: Request,
-    model: ModelDep,
-    image: ImageDep,
-    settings: SettingsDep,
+    model_name: ModelName = None,
     top_k_: Annotated[int, Query(alias="top_k", ge=1, description="how many classes (at most the model's)")] = 5,
 ) -> ClassifyResponse:
+    settings = request.app.state.settings
     if top_k_ > settings.max_top_k:
         raise ApiError(422, f"top_k must be at most {settings.max_top_k}")
+    model = lookup_model(request, model_name)
+    image = await image_bytes(request)
     with model.batcher.admission():
-        batch = await imaging.prepare_off_loop(image, model.spec.input, settings.max_pixels)
-        logits = await unless_disconnected(request, model.infer(batch))
+        work = imaging.checked(image, model.spec.input, settings.max_pixels)
+        if callable(work) and not model.decodes_on_workers:
+            work = await run_in_threadpool(work)
+        logits = await unless_disconnected(request, model.infer(work))
     predictions = top_k(logits[0], model.spec.output.kind, top_k_, model.spec.labels)
     return ClassifyResponse(model=model.name, predictions=predictions)

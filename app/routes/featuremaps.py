@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app import imaging, render
-from app.deps import IMAGE_BODY, ImageDep, ModelDep, RegistryDep, SettingsDep, resolve_model
+from app.deps import IMAGE_BODY, ModelName, RegistryDep, SettingsDep, image_bytes, lookup_model
 from app.errors import ApiError
 from app.featuremaps import FeatureMapSession
 from app.graph import Layer
@@ -122,9 +122,9 @@ async def list_layers(
     summary="The activations of one layer, as a tiled PNG or as numbers",
 )
 async def featuremaps(
-    model: ModelDep,
-    image: ImageDep,
+    request: Request,
     settings: SettingsDep,
+    model_name: ModelName = None,
     layer: Annotated[str | None, Query(max_length=200, description="default: the first convolution")] = None,
     format: Annotated[Literal["png", "json"], Query()] = "png",
     channels: Annotated[
@@ -136,6 +136,8 @@ async def featuremaps(
     scale: Annotated[int, Query(ge=0, le=render.MAX_UPSCALE, description="upscaling factor; 0 picks one")] = 0,
     values: Annotated[bool, Query(description="json: include the maps' values")] = False,
 ) -> Response:
+    model = lookup_model(request, model_name)
+    image = await image_bytes(request)
     session = await session_of(model)
     chosen_layer = pick_layer(session, layer)
     shape = session.shapes[chosen_layer.tensor]
@@ -180,12 +182,14 @@ def json_maps(
     summary="Class activation map: where in the image the evidence for a class lies",
 )
 async def cam(
-    model: Annotated[LoadedModel, Depends(resolve_model)],
-    image: ImageDep,
+    request: Request,
     settings: SettingsDep,
+    model_name: ModelName = None,
     class_index: Annotated[int | None, Query(ge=0, description="default: the top-1 class")] = None,
     alpha: Annotated[float, Query(ge=0, le=1, description="opacity of the map over the photo")] = 0.5,
 ) -> Response:
+    model = lookup_model(request, model_name)
+    image = await image_bytes(request)
     session = await session_of(model)
     head = session.analysis.cam
     if head is None:

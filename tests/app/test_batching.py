@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from app.batching import Batcher, DeadlineExceeded, Overloaded
+from app.batching import STOP, Batcher, DeadlineExceeded, Overloaded
 from app.config import Settings
+from app.imaging import ImageRejected
 from app.metrics import Metrics
 from training.data import load_split
 from training.train import normalise
@@ -158,6 +159,94 @@ def test_a_request_past_its_deadline_is_dropped_unrun(lenet):
 
     asyncio.run(scenario())
     assert gate.sizes == [1]
+
+
+def test_images_decoded_on_the_worker_join_one_batch_with_the_right_rows(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+    expected = session.run(None, {"input": images[:4]})[0]
+
+    async def scenario():
+        first = await hold_worker(b, gate, images[:1])
+        decoders = [b.submit(lambda i=i: images[i : i + 1], timeout=10) for i in range(1, 4)]
+        gate.open.set()
+        results = await asyncio.gather(first, *decoders)
+        await b.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert gate.sizes == [1, 3]
+    np.testing.assert_allclose(np.concatenate(results), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_that_fails_to_decode_on_the_worker_fails_alone(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+
+    def refused():
+        raise ImageRejected(400, "not a decodable image")
+
+    async def scenario():
+        first = await hold_worker(b, gate, images[:1])
+        bad = b.submit(refused, timeout=10)
+        good = b.submit(lambda: images[1:2], timeout=10)
+        gate.open.set()
+        results = await asyncio.gather(first, bad, good, return_exceptions=True)
+        await b.close()
+        return results
+
+    _, bad, good = asyncio.run(scenario())
+    assert isinstance(bad, ImageRejected) and bad.status == 400
+    assert good.shape == (1, 10)
+    assert gate.sizes == [1, 1]
+
+
+def test_a_request_whose_client_has_gone_is_never_decoded(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+    decoded = []
+
+    async def scenario():
+        first = await hold_worker(b, gate, images[:1])
+        gone = asyncio.ensure_future(b.submit(lambda: decoded.append(1) or images[:1], timeout=10))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.open.set()
+        await first
+        await b.close()
+
+    asyncio.run(scenario())
+    assert decoded == []
+    assert gate.sizes == [1]
+
+
+def test_close_ends_a_worker_that_meets_the_stop_while_gathering_a_batch(lenet):
+    session, images = lenet
+    gate = Gate(session)
+    b = batcher(gate)
+
+    async def scenario():
+        first = await hold_worker(b, gate, images[:1])
+        second = b.submit(images[1:2], timeout=10)
+        threads = list(b.threads)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.05)
+        gate.open.set()
+        answers = await first, await second
+        try:
+            ended = await asyncio.to_thread(lambda: [t.join(5) or not t.is_alive() for t in threads])
+        finally:
+            b.inbox.put(STOP)  # frees a worker that lost close()'s stop: a failure here, not a hang
+        await closing
+        return answers, ended
+
+    (first, second), ended = asyncio.run(scenario())
+    assert ended == [True]
+    assert first.shape == second.shape == (1, 10)
+    assert gate.sizes == [1, 1]
 
 
 def test_a_model_failure_reaches_every_request_in_the_batch():

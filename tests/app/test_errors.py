@@ -105,6 +105,54 @@ def test_multipart_without_a_file_part_is_422(client):
     assert_error(client.post("/classify", data={"image": "x"}, files={"other": b"x"}), 422, "'file'")
 
 
+def multipart(*parts: tuple[str, bytes], end: bytes = b"--edge--\r\n") -> tuple[bytes, dict]:
+    """A multipart/form-data body built by hand, so that it can be broken on purpose."""
+    body = b"".join(
+        b'--edge\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + data + b"\r\n"
+        for name, data in parts
+    )
+    return body + end, {"content-type": "multipart/form-data; boundary=edge"}
+
+
+def test_a_part_named_file_without_a_filename_is_the_image(client, photos):
+    body, headers = multipart(("note", b"hello"), ("file", photos["chelsea"].read_bytes()))
+    response = client.post("/classify", content=body, headers=headers)
+    assert response.status_code == 200
+    assert "cat" in response.json()["predictions"][0]["label"]
+
+
+def test_a_multipart_body_that_ends_inside_the_file_is_400(client, photos):
+    body, headers = multipart(("file", photos["chelsea"].read_bytes()), end=b"")
+    assert_error(client.post("/classify", content=body[:-100], headers=headers), 400, "ends inside", "'file'")
+
+
+def test_a_multipart_body_without_a_boundary_is_400(client, photos):
+    response = client.post("/classify", content=b"x", headers={"content-type": "multipart/form-data"})
+    assert_error(response, 400, "boundary")
+
+
+def test_a_malformed_multipart_body_is_400(client):
+    body = b"--edge\r\nContent-Disposition form-data\r\n\r\nx\r\n--edge--\r\n"
+    response = client.post("/classify", content=body, headers={"content-type": "multipart/form-data; boundary=edge"})
+    assert_error(response, 400, "multipart")
+
+
+def test_two_file_parts_are_400(client, photos):
+    data = photos["chelsea"].read_bytes()
+    body, headers = multipart(("file", data), ("file", data))
+    assert_error(client.post("/classify", content=body, headers=headers), 400, "more than one part named 'file'")
+
+
+def test_too_many_parts_are_400(client, photos):
+    body, headers = multipart(*[(f"f{i}", b"x") for i in range(9)], ("file", photos["chelsea"].read_bytes()))
+    assert_error(client.post("/classify", content=body, headers=headers), 400, "more than 8 parts")
+
+
+def test_a_large_text_part_is_413(client, photos):
+    body, headers = multipart(("note", b"x" * 70_000), ("file", photos["chelsea"].read_bytes()))
+    assert_error(client.post("/classify", content=body, headers=headers), 413, "'note'", "65536 bytes")
+
+
 @pytest.mark.parametrize("query", ["top_k=0", "top_k=abc", "top_k=101", "model="])
 def test_bad_parameters_are_422(client, photos, query):
     response = client.post(f"/classify?{query}", files={"file": photos["chelsea"].read_bytes()})

@@ -78,3 +78,10 @@ def test_several_processes_share_the_cores_between_their_threads():
     assert Settings(processes=2).threads == max(1, cpus // 2)
     assert execution_plan(Settings(processes=cpus), seconds_per_image=0.003) == (1, 1)
     assert Settings(processes=4 * cpus).cores == 1
+
+
+def test_one_thread_cpu_workers_decode_images_themselves_and_wider_ones_leave_it_to_the_pool(client, repo_copy):
+    assert client.app.state.registry.models["efficientnet_lite0"].threads == 1
+    assert client.app.state.registry.models["efficientnet_lite0"].decodes_on_workers
+    with running_client(Settings(models_dir=repo_copy, intra_op_threads=2)) as wide:
+        assert not any(model.decodes_on_workers for model in wide.app.state.registry.models.values())

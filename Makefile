@@ -45,7 +45,7 @@ lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
 
-bench: $(VENV)/.dev dataset tools  ## throughput against bare ONNX Runtime and a plain FastAPI peer (about 6 min)
+bench: $(VENV)/.dev dataset tools  ## throughput against bare ONNX Runtime, the no-server ceiling and a plain FastAPI peer (about 4 min)
 	$(BIN)/python -m bench.run
 
 soak: $(VENV)/.dev dataset  ## 50,000 mixed requests; resident-memory growth (about 3 min)

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from uvicorn.config import STARTUP_FAILURE
 
 from app.config import Settings
-from app.workers import Supervisor, listening_sockets
+from app.workers import ConnectionShare, Rebalance, Slot, Supervisor, listening_sockets
 
 log = logging.getLogger("cnnserve")
 
@@ -64,6 +64,15 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.served_app = app
         self.drain_seconds = drain_seconds
+        self.share: ConnectionShare | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        """Every 0.1 s: this process's open connections, for /metrics and for the other processes."""
+        open_connections = len(self.server_state.connections)
+        self.served_app.state.metrics.connections.set(open_connections)
+        if self.share is not None:
+            self.share.publish()
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         already = self.served_app.state.draining
@@ -74,8 +83,9 @@ class DrainingServer(uvicorn.Server):
             threading.Timer(self.drain_seconds, super().handle_exit, (sig, frame)).start()
 
 
-def run_server(sockets: list[socket.socket] | None = None) -> None:
-    """One server process, configured by the environment (which serve() has filled in)."""
+def run_server(sockets: list[socket.socket] | None = None, slot: Slot | None = None) -> None:
+    """One server process, configured by the environment (which serve() has filled in); one of
+    several when the supervisor gives it a ``slot`` in the shared connection counts."""
     from app.main import create_app
 
     settings = Settings()
@@ -84,6 +94,9 @@ def run_server(sockets: list[socket.socket] | None = None) -> None:
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
     )
     server = DrainingServer(config, app, settings.drain_seconds)
+    if slot is not None:
+        server.share = ConnectionShare(slot, server.server_state.connections)
+        app.add_middleware(Rebalance, share=server.share, counter=app.state.metrics.rebalanced)
     server.run(sockets)
     if not server.started:
         sys.exit(STARTUP_FAILURE)

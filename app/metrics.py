@@ -80,6 +80,18 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        self.connections = Gauge(
+            "cnnserve_open_connections",
+            "Open client connections, per server process (label pid when there are several).",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.rebalanced = Counter(
+            "cnnserve_connections_rebalanced",
+            "Keep-alive connections asked to reconnect (Connection: close) because their server "
+            "process held more than its share.",
+            registry=self.registry,
+        )
         self.model_failed = Gauge(
             "cnnserve_model_failed",
             "1 for each model folder refused at load.",

@@ -1,6 +1,7 @@
 """A real uvicorn process, talked to over a socket, as users run it."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -8,9 +9,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+
+from app.workers import ConnectionShare
 
 from ..conftest import live_server, png_bytes, wait_ready
 
@@ -81,6 +85,56 @@ def test_several_processes_share_the_port_and_metrics_count_them_all(several, ph
     assert served == 60  # whichever process answered /metrics, it counted the other's requests too
     recorded = {int(f.stem.rsplit("_", 1)[1]) for f in metrics_dir.glob("counter_*.db")}
     assert set(pids) <= recorded  # the kernel spread the 60 connections over both processes
+
+
+def open_connections(client: httpx.Client) -> dict[str, float]:
+    """Per server process (pid), the open connections it last published to /metrics."""
+    text = client.get("/metrics").text
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "cnnserve_open_connections")
+    return {sample.labels["pid"]: sample.value for sample in family.samples}
+
+
+@pytest.fixture(scope="module")
+def two_processes():
+    """Quiet (a pipe nobody reads would fill with access-log lines and stall the server)."""
+    with live_server(CNNSERVE_PROCESSES="2") as (url, _):
+        yield url
+
+
+def test_keep_alive_connections_end_up_spread_evenly_over_the_processes(two_processes):
+    url = two_processes
+    clients = [httpx.Client(base_url=url, limits=httpx.Limits(max_connections=1)) for _ in range(16)]
+    try:
+        until = time.monotonic() + 2
+        while time.monotonic() < until:  # the kernel's split, whatever it was, then rebalancing
+            assert all(client.get("/healthz").status_code == 200 for client in clients)
+        time.sleep(0.3)  # each process publishes its count every 0.1 s
+        counts = open_connections(clients[0])
+        rebalanced = clients[0].get("/metrics").text
+    finally:
+        for client in clients:
+            client.close()
+    assert sorted(counts.values()) == [8, 8]
+    assert "cnnserve_connections_rebalanced_total" in rebalanced
+
+
+def test_a_process_holding_more_than_its_share_sends_one_client_away_per_interval():
+    counts = multiprocessing.RawArray("i", [0, 3])
+    share = ConnectionShare((counts, 0), connections={object() for _ in range(6)})
+    assert share.crowded()  # 6 of 9: the even share is 5
+    assert counts[0] == 5  # the one sent away no longer counts
+    assert not share.crowded()  # not again within the interval
+    share.next_check = 0
+    share.connections = set(list(share.connections)[:5])
+    counts[1] = 4  # the client reconnected, and the kernel gave it to the other process
+    assert not share.crowded()
+
+
+def test_an_even_split_sends_nobody_away():
+    counts = multiprocessing.RawArray("i", [0, 4])
+    assert not ConnectionShare((counts, 0), connections={object() for _ in range(4)}).crowded()
+    counts = multiprocessing.RawArray("i", [0, 0, 3])
+    assert not ConnectionShare((counts, 0), connections={object() for _ in range(2)}).crowded()
 
 
 def test_a_server_process_that_dies_is_replaced(several, photos):

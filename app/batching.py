@@ -8,13 +8,14 @@ request whose client has gone (its future cancelled) or whose deadline has passe
 before it costs an inference.
 
 The batching itself runs on the model's worker threads, which take requests from a thread-safe
-queue: the event loop only puts a request in and, once per batch, hands the rows back. A request
-may bring the call that decodes its image instead of the pixels: the worker decodes it just
-before the batch runs, which saves CPU-bound models a hop through another thread (measured: 12%
-more small JPEGs on EfficientNet-Lite0), and a request dropped unrun is then never decoded either. An asyncio
+queue: the event loop only puts a request in and, once per batch, hands the rows back. An asyncio
 task that gathered batches and sent them through an executor cost the loop more than LeNet-5's
 inference (measured: the executor's submit and wake-ups held the loop thread about 30% of the
 time at 8 clients).
+
+A request may bring the call that decodes its image instead of the pixels: the worker decodes it
+just before the batch runs. That saves CPU-bound models a hop through another thread (measured: 7
+to 12% more small JPEGs on EfficientNet-Lite0), and a request dropped unrun is never decoded.
 """
 
 from __future__ import annotations

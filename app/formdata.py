@@ -24,7 +24,6 @@ MAX_TEXT_PART_BYTES = 64 * 1024
 
 @dataclass(slots=True)
 class _Part:
-    header: bytes = b""
     disposition: bytes = b""
     content_type: bytes = b""
     name: str = ""
@@ -40,7 +39,7 @@ class _Collector:
         self.found: _Part | None = None
         self.parts = 0
         self.part = _Part()
-        self.value = b""
+        self.header = self.value = b""  # the part header being read
 
     def callbacks(self) -> dict:
         return {
@@ -60,18 +59,18 @@ class _Collector:
         self.part = _Part()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self.part.header += data[start:end]
+        self.header += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
         self.value += data[start:end]
 
     def on_header_end(self) -> None:
-        header = self.part.header.lower()
+        header = self.header.lower()
         if header == b"content-disposition":
             self.part.disposition = self.value
         elif header == b"content-type":
             self.part.content_type = self.value
-        self.part.header, self.value = b"", b""
+        self.header = self.value = b""
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.part.disposition)

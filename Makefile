@@ -37,12 +37,14 @@ tools:  ## install Debian's chromium (the page test) and wrk (the benchmark) if 
 	@command -v chromium >/dev/null && command -v wrk >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk; }
 
-test: $(VENV)/.dev dataset tools  ## run the test suite
-	$(BIN)/python -m pytest -q
+test: $(VENV)/.dev dataset tools  ## run the test suite: the service's tests with torch blocked, then training and deployment
+	$(BIN)/python -m pytest -q -p tests.torchless tests/app
+	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py
 
 lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
 bench: $(VENV)/.dev dataset tools  ## throughput against bare ONNX Runtime, the no-server ceiling and a plain FastAPI peer (about 4 min)
@@ -69,8 +71,8 @@ export: $(VENV)/.dev dataset  ## export every model into models/, checked agains
 
 models: train export  ## rebuild models/ from scratch: train, then export
 
-schema: $(VENV)/.serve  ## regenerate models/model.schema.json from app/spec.py
-	$(BIN)/python -m app.spec > models/model.schema.json
+schema: $(VENV)/.serve  ## regenerate models/model.schema.json from app/serving/spec.py
+	$(BIN)/python -m app.serving.spec > models/model.schema.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

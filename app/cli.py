@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import socket
 import sys
-import tempfile
-import threading
 import urllib.request
-from functools import partial
 from pathlib import Path
-from types import FrameType
-
-import uvicorn
-from fastapi import FastAPI
-from uvicorn.config import STARTUP_FAILURE
 
 from app.config import Settings
-from app.workers import ConnectionShare, Rebalance, Slot, Supervisor, listening_sockets
-
-log = logging.getLogger("cnnserve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,88 +41,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but the first SIGTERM/SIGINT turns /readyz to 503 and keeps serving for
-    CNNSERVE_DRAIN_SECONDS (so a load balancer stops sending), then shuts down gracefully:
-    requests in flight finish before the process exits. A second signal stops at once."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
-        super().__init__(config)
-        self.served_app = app
-        self.drain_seconds = drain_seconds
-        self.share: ConnectionShare | None = None
-
-    async def on_tick(self, counter: int) -> bool:
-        """Every 0.1 s: this process's open connections, for /metrics and for the other processes."""
-        open_connections = len(self.server_state.connections)
-        self.served_app.state.metrics.connections.set(open_connections)
-        if self.share is not None:
-            self.share.publish()
-        return await super().on_tick(counter)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        already = self.served_app.state.draining
-        self.served_app.state.draining = True
-        if already or self.drain_seconds <= 0:
-            super().handle_exit(sig, frame)
-        else:
-            threading.Timer(self.drain_seconds, super().handle_exit, (sig, frame)).start()
-
-
-def run_server(sockets: list[socket.socket] | None = None, slot: Slot | None = None) -> None:
-    """One server process, configured by the environment (which serve() has filled in); one of
-    several when the supervisor gives it a ``slot`` in the shared connection counts."""
-    from app.main import create_app
-
-    settings = Settings()
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
-    )
-    server = DrainingServer(config, app, settings.drain_seconds)
-    if slot is not None:
-        server.share = ConnectionShare(slot, server.server_state.connections)
-        app.add_middleware(Rebalance, share=server.share, counter=app.state.metrics.rebalanced)
-    server.run(sockets)
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)
-
-
 def serve(args: argparse.Namespace) -> None:
-    overrides = {
-        "CNNSERVE_MODELS_DIR": args.models_dir,
-        "CNNSERVE_DEFAULT_MODEL": args.default_model,
-        "CNNSERVE_PROVIDERS": args.providers,
-        "CNNSERVE_HOST": args.host,
-        "CNNSERVE_PORT": None if args.port is None else str(args.port),
-        "CNNSERVE_PROCESSES": None if args.processes is None else str(args.processes),
+    """The options given on the command line over the CNNSERVE_* environment, then serve."""
+    from app.process.server import serve as serve_settings  # here, so that `cnnserve probe` never loads ONNX Runtime
+
+    options = {
+        "models_dir": args.models_dir,
+        "default_model": args.default_model,
+        "providers": args.providers,
+        "host": args.host,
+        "port": args.port,
+        "processes": args.processes,
     }
-    os.environ.update({key: value for key, value in overrides.items() if value is not None})
-    from app.runtime import process_count  # here, so that `cnnserve probe` never loads ONNX Runtime
-
-    settings = Settings()
-    count = process_count(settings)
-    if count == 1:
-        run_server()
-    else:
-        sys.exit(supervise(settings, count))
-
-
-def supervise(settings: Settings, count: int) -> int:
-    """``count`` server processes on the port until SIGTERM; their metrics are shared through a
-    scratch folder (prometheus_client's multiprocess mode) unless PROMETHEUS_MULTIPROC_DIR names one."""
-    from prometheus_client.multiprocess import mark_process_dead
-
-    from app.main import configure_logging
-
-    configure_logging(settings.log_level)
-    os.environ["CNNSERVE_PROCESSES"] = str(count)  # each process sizes its ONNX Runtime threads by it
-    with tempfile.TemporaryDirectory(prefix="cnnserve-metrics-") as scratch:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", scratch)
-        sockets = listening_sockets(settings.host, settings.port, count)
-        log.info("serving on http://%s:%d with %d processes", settings.host, settings.port, count)
-        forget = partial(mark_process_dead, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])  # its live gauges
-        return Supervisor(run_server, sockets, on_death=forget).run()
+    serve_settings(Settings(**{key: value for key, value in options.items() if value is not None}))
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:

@@ -18,7 +18,7 @@ import httpx
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.schemas import ClassifyResponse, ModelList
+from app.serving.schemas import ClassifyResponse, ModelList
 
 MEDIA_TYPES = {
     b"\xff\xd8\xff": "image/jpeg",

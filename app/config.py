@@ -1,30 +1,15 @@
-"""Every setting of the service, read once from CNNSERVE_* environment variables (or a .env file)."""
+"""Every setting of the service, read once from CNNSERVE_* environment variables (or a .env file).
+
+Plain values only: what follows from them and the machine (processes, threads, workers) is decided
+in ``app/sizing.py``."""
 
 from __future__ import annotations
 
-import os
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, computed_field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-def available_cpus() -> int:
-    """CPUs this process may really use: the affinity mask, capped by a cgroup v2 quota, because
-    ONNX Runtime sizes its pool to the host and oversubscribes a container (onnxruntime #29510)."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
-MAX_AUTO_PROCESSES = 4  # each process holds every model: memory grows with the count
 
 
 class Settings(BaseSettings):
@@ -67,7 +52,7 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="server processes sharing the port, each with every model; 0: one per core (at most "
-        f"{MAX_AUTO_PROCESSES}) on the CPU provider, one with CUDA",
+        "4) on the CPU provider, one with CUDA (app/sizing.py decides)",
     )
     prometheus_multiproc_dir: Path | None = Field(
         None,
@@ -89,13 +74,3 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
-
-    @property
-    def cores(self) -> int:
-        """The CPUs this process's inference may use: its share when several processes serve."""
-        return max(1, available_cpus() // max(1, self.processes))
-
-    @computed_field
-    @cached_property
-    def threads(self) -> int:
-        return self.intra_op_threads or self.cores

@@ -1,5 +1,5 @@
-"""Prometheus metrics, on a registry of the app's own (so several apps in one process never clash),
-and the ASGI middleware that counts every request by endpoint, model and status.
+"""Prometheus metrics, on a registry of the app's own (so several apps in one process never clash).
+The HTTP middleware that counts requests is app/http/middleware/metrics.py.
 
 When several server processes share the port, prometheus_client's multiprocess mode (its
 PROMETHEUS_MULTIPROC_DIR) keeps each process's values in that folder and /metrics, whichever
@@ -7,11 +7,9 @@ process answers, adds them all up: a scrape sees the service, not one process of
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -104,36 +102,6 @@ class Metrics:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         every_process = CollectorRegistry()
-        multiprocess.MultiProcessCollector(every_process, path=str(self.multiprocess_dir))
+        # prometheus_client leaves MultiProcessCollector.__init__ unannotated
+        multiprocess.MultiProcessCollector(every_process, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
         return generate_latest(every_process)
-
-
-class MetricsMiddleware:
-    """Counts after the response is sent; the endpoint label is the route template, never the raw
-    path, so a client cannot grow the label set."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_recording(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_recording)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            model = scope.get("state", {}).get("model", "")
-            self.metrics.requests.labels(endpoint, model, str(status)).inc()
-            self.metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)

@@ -34,9 +34,9 @@ import onnxruntime as ort
 from PIL import Image
 from tqdm import tqdm
 
-from app.config import available_cpus
-from app.imaging import prepare
-from app.registry import read_spec
+from app.serving.loader import read_spec
+from app.serving.preprocess import prepare
+from app.sizing import available_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

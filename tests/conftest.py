@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.main import create_app
+from app.http.app import create_app
 from training.photos import sample_photos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def models_dir() -> Path:
 
 def wait_loaded(client: TestClient, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not client.app.state.registry.loaded:
+    while not client.app.state.services.repository.loaded:
         assert time.monotonic() < deadline, "models never finished loading"
         time.sleep(0.02)
 
@@ -69,6 +70,13 @@ def repo_copy(tmp_path: Path) -> Path:
 
 def spec_of(folder: Path) -> dict:
     return json.loads((folder / "model.json").read_text())
+
+
+def fashion_tensor(images: np.ndarray, name: str = "lenet5") -> np.ndarray:
+    """uint8 (N, 28, 28) Fashion-MNIST images -> the (N, 1, 28, 28) input that model.json describes,
+    without torch: the service's tests run where only the service is installed."""
+    spec = spec_of(MODELS / name)["input"]
+    return ((images.astype(np.float32) - spec["mean"][0]) / spec["std"][0])[:, None]
 
 
 def png_bytes(image) -> bytes:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from tqdm import tqdm
@@ -68,6 +69,13 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
         verbose=False,
     )
     program.save(str(path), external_data=False)
+    check_graph(path)
+
+
+def check_graph(path: Path) -> None:
+    """ONNX's own full check (the graph, its types, and shape inference with errors raised) before
+    the file is compared with PyTorch: a model ONNX itself calls invalid is never written."""
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, inputs: np.ndarray) -> Parity:

@@ -10,20 +10,19 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from app.batching import STOP, Batcher, DeadlineExceeded, Overloaded
 from app.config import Settings
-from app.imaging import ImageRejected
 from app.metrics import Metrics
+from app.serving.batching import STOP, Batcher
+from app.serving.errors import BadRequest, DeadlineExceeded, Overloaded
 from training.data import load_split
-from training.train import normalise
 
-from ..conftest import MODELS, png_bytes, running_client
+from ..conftest import MODELS, fashion_tensor, png_bytes, running_client
 
 
 @pytest.fixture(scope="module")
 def lenet():
     session = ort.InferenceSession(str(MODELS / "lenet5" / "model.onnx"), providers=["CPUExecutionProvider"])
-    images = normalise(load_split("test").images[:16]).numpy()
+    images = fashion_tensor(load_split("test").images[:16])
     return session, images
 
 
@@ -186,7 +185,7 @@ def test_an_image_that_fails_to_decode_on_the_worker_fails_alone(lenet):
     b = batcher(gate)
 
     def refused():
-        raise ImageRejected(400, "not a decodable image")
+        raise BadRequest("not a decodable image")
 
     async def scenario():
         first = await hold_worker(b, gate, images[:1])
@@ -198,7 +197,7 @@ def test_an_image_that_fails_to_decode_on_the_worker_fails_alone(lenet):
         return results
 
     _, bad, good = asyncio.run(scenario())
-    assert isinstance(bad, ImageRejected) and bad.status == 400
+    assert isinstance(bad, BadRequest) and bad.status == 400
     assert good.shape == (1, 10)
     assert gate.sizes == [1, 1]
 
@@ -299,7 +298,7 @@ def test_overload_over_http_is_429_with_retry_after(photos):
     settings = Settings(models_dir=MODELS, default_model="lenet5", max_queue=2, max_batch_size=1)
     image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
     with running_client(settings) as client:
-        model = client.app.state.registry.models["lenet5"]
+        model = client.app.state.services.repository.models["lenet5"]
         hold, original = threading.Event(), model.batcher.run
         model.batcher.run = lambda batch: hold.wait(10) and original(batch)  # the one worker is held: the queue fills
         with ThreadPoolExecutor(6) as pool:
@@ -323,7 +322,7 @@ def test_other_work_runs_alone_on_the_models_own_threads(lenet):
 
     async def scenario():
         first = await hold_worker(b, gate, images[:1])
-        job = asyncio.ensure_future(b.call(lambda: (threading.current_thread().name, list(gate.sizes))))
+        job = b.call(lambda: (threading.current_thread().name, list(gate.sizes)), timeout=10)
         await asyncio.sleep(0.02)
         assert not job.done()  # the one worker is busy: the job waits its turn, as a batch would
         gate.open.set()

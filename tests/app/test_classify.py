@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 
 from training.data import load_split
-from training.train import normalise
 
-from ..conftest import MODELS, png_bytes
+from ..conftest import MODELS, fashion_tensor, png_bytes
 
 DOMESTIC_CATS = range(281, 286)  # tabby, tiger, Persian, Siamese, Egyptian cat
 REFERENCE = json.loads((MODELS / "efficientnet_lite0" / "reference.json").read_text())["photos"]
@@ -66,12 +65,12 @@ def test_default_model_answers_when_none_is_named(client, photos):
 def test_fashion_mnist_through_http_matches_onnx_runtime_and_the_recorded_accuracy(client, name):
     """PNG-encoded test images, served, give the same classes as the file run directly in ONNX
     Runtime, and an accuracy consistent with the one model.json records for all 10,000."""
-    if name not in client.app.state.registry.models:
-        pytest.fail(f"{name} is not served: {client.app.state.registry.failed.get(name)}")
+    if name not in client.app.state.services.repository.models:
+        pytest.fail(f"{name} is not served: {client.app.state.services.repository.failed.get(name)}")
     test = load_split("test")
     chosen = np.random.default_rng(7).choice(len(test.labels), 400, replace=False)
     session = ort.InferenceSession(str(MODELS / name / "model.onnx"), providers=["CPUExecutionProvider"])
-    direct = session.run(None, {"input": normalise(test.images[chosen]).numpy()})[0].argmax(1)
+    direct = session.run(None, {"input": fashion_tensor(test.images[chosen], name)})[0].argmax(1)
     served = []
     for i in chosen:
         response = client.post(

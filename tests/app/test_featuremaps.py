@@ -10,9 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from app import imaging
 from app.config import Settings
-from training.nets import LECTURE_KERNELS
+from app.serving import preprocess as imaging
 
 from ..conftest import MODELS, png_bytes, running_client
 
@@ -20,7 +19,7 @@ FASHION_MODELS = ["lenet5", "alexnet", "googlenet", "resnet"]
 
 
 def served(client) -> list[str]:
-    return sorted(client.app.state.registry.models)
+    return sorted(client.app.state.services.repository.models)
 
 
 def layers_of(client, model: str) -> list[dict]:
@@ -120,7 +119,7 @@ def cut_and_run(model: str, tensor: str, batch: np.ndarray, tmp_path) -> np.ndar
 def test_json_values_equal_the_tensor_from_a_cut_model(client, photos, tmp_path, model, layer_name):
     photo = photos["coffee"].read_bytes()
     body = maps(client, model, photo, layer=layer_name, values="true", channels="0-3")
-    registry = client.app.state.registry
+    registry = client.app.state.services.repository
     layer = registry.models[model].analysis.layer(layer_name)
     batch = imaging.prepare(photo, registry.models[model].spec.input, 10**8)
     expected = cut_and_run(model, layer.tensor, batch, tmp_path)[0][:4]
@@ -135,10 +134,19 @@ def correlate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return sum(kernel[m, n] * padded[m : m + h, n : n + w] for m in range(3) for n in range(3))
 
 
+LECTURE_KERNELS = {  # the lecture's hand-made kernels, in the kernels model's channel order
+    "blur": [[0, 1, 0], [1, 4, 1], [0, 1, 0]],
+    "edge8": [[0, -1, 0], [-1, 8, -1], [0, -1, 0]],
+    "edge4": [[0, -1, 0], [-1, 4, -1], [0, -1, 0]],
+    "sobel_x": [[1, 0, -1], [2, 0, -2], [1, 0, -1]],
+    "sobel_y": [[1, 2, 1], [0, 0, 0], [-1, -2, -1]],
+}
+
+
 def test_the_kernels_model_shows_the_lectures_correlations_of_a_photo(client, photos):
     photo = photos["astronaut"].read_bytes()
     body = maps(client, "kernels", photo, values="true")
-    image = imaging.prepare(photo, client.app.state.registry.models["kernels"].spec.input, 10**8)[0, 0]
+    image = imaging.prepare(photo, client.app.state.services.repository.models["kernels"].spec.input, 10**8)[0, 0]
     for channel, kernel in enumerate(LECTURE_KERNELS.values()):
         assert np.allclose(body["values"][channel], correlate(image, np.array(kernel, np.float32)), atol=1e-4)
 
@@ -273,6 +281,6 @@ def test_a_third_party_model_with_unnamed_layers_lists_and_renders(tmp_path, pho
 
 def test_classify_keeps_its_own_session_without_promoted_outputs(client, photos):
     client.post("/featuremaps?model=lenet5", files={"file": photos["chelsea"].read_bytes()})
-    model = client.app.state.registry.models["lenet5"]
+    model = client.app.state.services.repository.models["lenet5"]
     assert model.featuremaps.built
     assert [o.name for o in model.session.get_outputs()] == ["logits"]

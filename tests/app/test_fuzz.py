@@ -8,10 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app import imaging
 from app.config import Settings
-from app.main import create_app
-from app.spec import ModelSpec
+from app.http.app import create_app
+from app.serving import preprocess as imaging
+from app.serving.errors import ServingError
+from app.serving.spec import ModelSpec
 
 from ..conftest import MODELS
 
@@ -68,7 +69,7 @@ def mutated(draw) -> bytes:
 def test_mutated_images_decode_or_are_refused_with_a_4xx(data):
     try:
         tensor = imaging.prepare(data, SPEC, 4_000_000)
-    except imaging.ImageRejected as refused:
+    except ServingError as refused:
         assert 400 <= refused.status < 500
     else:
         assert tensor.shape == (1, 1, 28, 28)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
-from app.main import create_app
+from app.http.app import create_app
 
 from ..conftest import MODELS, live_server, running_client, spec_of
 
@@ -72,7 +72,7 @@ def test_a_client_that_hangs_up_costs_no_inference(photos):
     image = photos["chelsea"].read_bytes()
     with running_client(settings) as client:
         app = client.app
-        model = app.state.registry.models["lenet5"]
+        model = app.state.services.repository.models["lenet5"]
         hold, ran = threading.Event(), []
         original = model.batcher.run
 

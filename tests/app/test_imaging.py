@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import imaging
-from app.spec import InputSpec, ModelSpec
+from app.serving import preprocess as imaging
+from app.serving.errors import ServingError
+from app.serving.spec import InputSpec, ModelSpec
 from training import photos as training_photos
 
 from ..conftest import MODELS
@@ -109,6 +110,6 @@ def test_draft_keeps_twice_the_pixels_the_model_needs(size, decoded):
 
 
 def test_pixel_limit_is_checked_from_the_header():
-    with pytest.raises(imaging.ImageRejected) as refused:
+    with pytest.raises(ServingError) as refused:
         imaging.open_checked(encode(Image.new("L", (2000, 1000)), "PNG"), 1_000_000)
     assert refused.value.status == 413

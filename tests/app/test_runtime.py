@@ -1,10 +1,11 @@
-"""Execution-provider selection, tested on this CPU machine, and what /models says a model got."""
+"""Execution-provider selection and sizing, tested on this CPU machine, and what /models says a
+model got."""
 
 import pytest
 
-from app.config import MAX_AUTO_PROCESSES, Settings, available_cpus
-from app.registry import execution_plan
-from app.runtime import CPU, CUDA, ProviderUnavailable, choose_providers, process_count
+from app.config import Settings
+from app.serving.runtime import CPU, CUDA, ProviderUnavailable, accelerated, choose_providers
+from app.sizing import MAX_AUTO_PROCESSES, available_cpus, cpu_share, first_guess, plan, process_count
 
 from ..conftest import running_client
 
@@ -39,49 +40,72 @@ def test_models_report_the_provider_their_session_really_got(client):
         assert info["provider"] == CPU and info["providers"] == [CPU]
 
 
+def threads_and_workers(settings: Settings, seconds_per_image: float, processes: int = 1) -> tuple[int, int]:
+    chosen = plan(settings, processes, seconds_per_image, on_cpu=True)
+    return chosen.threads, chosen.workers
+
+
 def test_thread_count_defaults_to_the_cpus_available():
-    assert Settings().threads == available_cpus() >= 1
-    assert Settings(intra_op_threads=1).threads == 1
+    assert first_guess(Settings(), processes=1) == available_cpus() >= 1
+    assert first_guess(Settings(intra_op_threads=1), processes=1) == 1
 
 
 def test_slow_models_get_a_worker_per_core_and_fast_ones_one_worker_with_every_core():
     cpus = available_cpus()
-    assert execution_plan(Settings(), seconds_per_image=0.003) == (1, cpus)
-    assert execution_plan(Settings(), seconds_per_image=0.00003) == (cpus, 1)
+    assert threads_and_workers(Settings(), seconds_per_image=0.003) == (1, cpus)
+    assert threads_and_workers(Settings(), seconds_per_image=0.00003) == (cpus, 1)
 
 
 def test_what_the_settings_fix_is_kept_and_the_rest_follows():
     cpus = available_cpus()
-    assert execution_plan(Settings(intra_op_threads=cpus), seconds_per_image=0.003) == (cpus, 1)
-    assert execution_plan(Settings(inference_workers=3), seconds_per_image=0.00003) == (max(1, cpus // 3), 3)
-    assert execution_plan(Settings(intra_op_threads=2, inference_workers=4), seconds_per_image=0.003) == (2, 4)
+    assert threads_and_workers(Settings(intra_op_threads=cpus), seconds_per_image=0.003) == (cpus, 1)
+    assert threads_and_workers(Settings(inference_workers=3), seconds_per_image=0.00003) == (max(1, cpus // 3), 3)
+    assert threads_and_workers(Settings(intra_op_threads=2, inference_workers=4), seconds_per_image=0.003) == (2, 4)
 
 
 def test_served_models_got_workers_by_their_measured_speed(client):
-    models = client.app.state.registry.models
+    models = client.app.state.services.repository.models
     assert models["lenet5"].batcher.workers == 1
     assert models["efficientnet_lite0"].batcher.workers == available_cpus()
 
 
+def test_models_show_what_sizing_gave_them(client):
+    serving = client.get("/models/efficientnet_lite0").json()["serving"]
+    assert serving == {
+        "processes": 1,
+        "cpus": available_cpus(),
+        "threads": 1,
+        "workers": available_cpus(),
+        "decode": "worker",
+        "max_batch_size": 8,
+        "max_queue": 32,
+    }
+
+
 def test_on_the_cpu_the_service_starts_a_process_per_core_up_to_a_bound():
-    assert process_count(Settings(providers="cpu")) == min(available_cpus(), MAX_AUTO_PROCESSES)
-    assert process_count(Settings(providers="cpu", processes=3)) == 3
+    assert process_count(Settings(providers="cpu"), accelerated=False) == min(available_cpus(), MAX_AUTO_PROCESSES)
+    assert process_count(Settings(providers="cpu", processes=3), accelerated=False) == 3
 
 
-def test_demanded_cuda_it_cannot_have_starts_one_process_that_refuses_the_models():
-    assert process_count(Settings(providers="cuda")) == 1
+def test_with_an_accelerator_one_process_owns_it():
+    assert process_count(Settings(), accelerated=True) == 1
+
+
+def test_demanded_cuda_it_cannot_have_is_not_an_accelerator():
+    assert not accelerated("cuda")
+    assert not accelerated("cpu")
 
 
 def test_several_processes_share_the_cores_between_their_threads():
     cpus = available_cpus()
-    assert Settings(processes=2).cores == max(1, cpus // 2)
-    assert Settings(processes=2).threads == max(1, cpus // 2)
-    assert execution_plan(Settings(processes=cpus), seconds_per_image=0.003) == (1, 1)
-    assert Settings(processes=4 * cpus).cores == 1
+    assert cpu_share(2) == max(1, cpus // 2)
+    assert first_guess(Settings(), processes=2) == max(1, cpus // 2)
+    assert threads_and_workers(Settings(), seconds_per_image=0.003, processes=cpus) == (1, 1)
+    assert cpu_share(4 * cpus) == 1
 
 
 def test_one_thread_cpu_workers_decode_images_themselves_and_wider_ones_leave_it_to_the_pool(client, repo_copy):
-    assert client.app.state.registry.models["efficientnet_lite0"].threads == 1
-    assert client.app.state.registry.models["efficientnet_lite0"].decodes_on_workers
+    assert client.app.state.services.repository.models["efficientnet_lite0"].plan.threads == 1
+    assert client.app.state.services.repository.models["efficientnet_lite0"].plan.decode == "worker"
     with running_client(Settings(models_dir=repo_copy, intra_op_threads=2)) as wide:
-        assert not any(model.decodes_on_workers for model in wide.app.state.registry.models.values())
+        assert all(model.plan.decode == "pool" for model in wide.app.state.services.repository.models.values())

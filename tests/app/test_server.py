@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.workers import ConnectionShare
+from app.process.topology import ConnectionShare
 
 from ..conftest import live_server, png_bytes, wait_ready
 

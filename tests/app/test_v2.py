@@ -9,8 +9,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from app import imaging
-from app.spec import ModelSpec
+from app.serving import preprocess as imaging
+from app.serving.spec import ModelSpec
 
 from ..conftest import MODELS
 

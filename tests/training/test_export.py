@@ -2,11 +2,12 @@ import json
 
 import jsonschema
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
-from app.spec import ModelSpec, json_schema
+from app.serving.spec import ModelSpec, json_schema
 from training import export, nets, pretrained, train
 from training.data import FASHION_LABELS, load_split
 
@@ -69,6 +70,23 @@ def test_export_refuses_a_model_whose_onnx_output_differs(tmp_path, fashion_test
         export.export_checked(CountsItsCalls().eval(), fashion_test[0], tmp_path, lenet_spec())
     assert not (tmp_path / "tiny").exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_the_full_onnx_check_refuses_a_graph_whose_types_do_not_hold(tmp_path):
+    """A Conv fed INT64 is well-formed protobuf but not a valid model: the full check (with strict
+    shape and type inference) refuses it, where the plain check would let it pass."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"])],
+        "mistyped",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT64, [1, 1, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 2, 2])],
+        [onnx.numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")],
+    )
+    path = tmp_path / "mistyped.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
+    onnx.checker.check_model(str(path))  # the light check finds nothing wrong
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        export.check_graph(path)
 
 
 def test_export_refuses_a_spec_that_breaks_the_schema(tmp_path, fashion_test):

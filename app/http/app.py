@@ -1,0 +1,119 @@
+"""The HTTP app factory: routers, middleware and the one error handler around the services it is
+handed. ``create_app(settings, services)`` builds nothing it is given; ``app/main.py`` holds the
+``app`` that ``uvicorn app.main:app`` serves."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.config import Settings
+from app.http import errors
+from app.http.middleware.access import ApiKey
+from app.http.middleware.body_limit import BodyLimit
+from app.http.middleware.metrics import RequestMetrics
+from app.http.middleware.rebalance import Rebalance
+from app.http.routes import classify, featuremaps, health, models, page, v2
+from app.serving import services as wiring
+from app.serving.services import Services
+
+log = logging.getLogger("cnnserve")
+
+VERSION = "0.1.0"
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young-generation collections (CPython's default: 700)
+EXPOSED_HEADERS = ["Retry-After", "X-Layer", "X-Shape", "X-Channels", "X-Class-Index", "X-Class-Label", "X-Class-Score"]
+
+DESCRIPTION = """CNN image classifiers from the model repository, on ONNX Runtime.
+
+Send an image (multipart field `file`, or the raw body with an `image/*` content type) to
+`/classify` for the top-k classes. Errors are JSON `{"detail": ...}` (`{"error": ...}` under `/v2`)
+with a 4xx a client can act on.
+"""
+
+
+def configure_logging(level: str) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())
+
+
+def settle_garbage_collector() -> None:
+    """Move everything alive after loading out of the collector's sight and collect young objects
+    less often: full collections that walked the models and the framework stalled requests for
+    milliseconds (measured: LeNet-5's p99 at 8 connections fell from 17 ms to 8 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+async def load_models(services: Services) -> None:
+    """Load in a worker thread so that /healthz answers, and /readyz says 503, meanwhile."""
+    settings, repository = services.settings, services.repository
+    started = time.perf_counter()
+    await asyncio.to_thread(repository.load_all)
+    settle_garbage_collector()
+    log.info(
+        "%d model(s) loaded, %d refused, in %.2f s from %s; default model %s is %s",
+        len(repository.models),
+        len(repository.refused),
+        time.perf_counter() - started,
+        settings.models_dir,
+        settings.default_model,
+        "ready" if settings.default_model in repository.models else "NOT available",
+    )
+
+
+def lifespan_of(services: Services) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load_models(services))
+        try:
+            yield
+        finally:
+            await loading
+            await services.repository.close()
+
+    return lifespan
+
+
+def create_app(
+    settings: Settings | None = None,
+    services: Services | None = None,
+    crowded: Callable[[], bool] | None = None,
+) -> FastAPI:
+    """The app over ``services`` (built from ``settings``, by default from the environment, when
+    not given); ``crowded`` says when this process should send a keep-alive client away."""
+    settings = settings or (services.settings if services else Settings())
+    services = services or wiring.build(settings)
+    configure_logging(settings.log_level)
+    app = FastAPI(title="cnnserve", version=VERSION, description=DESCRIPTION, lifespan=lifespan_of(services))
+    app.state.services = services
+    errors.install(app)
+    for router in (classify.router, featuremaps.router, models.router, health.router, v2.router, page.router):
+        app.include_router(router)
+    app.mount("/static", page.static_files, name="static")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=EXPOSED_HEADERS,
+        )
+    if crowded is not None:
+        app.add_middleware(Rebalance, crowded=crowded, counter=services.metrics.rebalanced)
+    app.add_middleware(RequestMetrics, services=services)
+    return app

@@ -1,0 +1,1 @@
+"""One router per resource: each translates HTTP to service calls and back."""

@@ -1,0 +1,110 @@
+"""One server process (uvicorn, draining on SIGTERM), or several under the supervisor.
+
+The settings and the process count travel to each child as arguments; the one thing that goes
+through the environment is PROMETHEUS_MULTIPROC_DIR, because prometheus_client reads it when it is
+imported, before any of our code runs in the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import tempfile
+import threading
+from functools import partial
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+from app import sizing
+from app.config import Settings
+from app.http.app import configure_logging, create_app
+from app.process.supervisor import Supervisor
+from app.process.topology import ConnectionShare, Slot, listening_sockets
+from app.serving import services as wiring
+from app.serving.runtime import accelerated
+from app.serving.services import Services
+
+log = logging.getLogger("cnnserve")
+
+GRACEFUL_SHUTDOWN_SECONDS = 30
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first SIGTERM/SIGINT turns /readyz to 503 and keeps serving for
+    CNNSERVE_DRAIN_SECONDS (so a load balancer stops sending), then shuts down gracefully:
+    requests in flight finish before the process exits. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, services: Services, share: ConnectionShare | None = None) -> None:
+        super().__init__(config)
+        self.services = services
+        self.share = share
+        if share is not None:
+            share.connections = self.server_state.connections
+
+    async def on_tick(self, counter: int) -> bool:
+        """Every 0.1 s: this process's open connections, for /metrics and for the other processes."""
+        self.services.metrics.connections.set(len(self.server_state.connections))
+        if self.share is not None:
+            self.share.publish()
+        return await super().on_tick(counter)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        lifecycle = self.services.lifecycle
+        already, lifecycle.draining = lifecycle.draining, True
+        drain = self.services.settings.drain_seconds
+        if already or drain <= 0:
+            super().handle_exit(sig, frame)
+        else:
+            threading.Timer(drain, super().handle_exit, (sig, frame)).start()
+
+
+def run_server(
+    settings: Settings, processes: int = 1, sockets: list[socket.socket] | None = None, slot: Slot | None = None
+) -> None:
+    """One server process; one of ``processes`` when the supervisor gives it a ``slot`` in the
+    shared connection counts."""
+    services = wiring.build(settings, processes)
+    share = ConnectionShare(slot) if slot is not None else None
+    app = create_app(settings, services, crowded=share.crowded if share else None)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    server = DrainingServer(config, services, share)
+    server.run(sockets)
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGTERM: in this process, or in as many as app/sizing.py says, on one port."""
+    count = sizing.process_count(settings, accelerated(settings.providers))
+    if count == 1:
+        run_server(settings)
+    else:
+        sys.exit(supervise(settings, count))
+
+
+def supervise(settings: Settings, count: int) -> int:
+    """``count`` server processes on the port until SIGTERM; their metrics are shared through a
+    scratch folder (prometheus_client's multiprocess mode) unless PROMETHEUS_MULTIPROC_DIR names one."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    configure_logging(settings.log_level)
+    with tempfile.TemporaryDirectory(prefix="cnnserve-metrics-") as scratch:
+        shared = settings.prometheus_multiproc_dir or scratch
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)  # read by prometheus_client at import, in each child
+        child_settings = settings.model_copy(update={"prometheus_multiproc_dir": Path(shared)})
+        sockets = listening_sockets(settings.host, settings.port, count)
+        log.info("serving on http://%s:%d with %d processes", settings.host, settings.port, count)
+        target = partial(run_server, child_settings, count)
+        forget = partial(mark_process_dead, path=str(shared))  # its live gauges
+        return Supervisor(target, sockets, on_death=forget).run()

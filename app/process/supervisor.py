@@ -1,0 +1,83 @@
+"""Keeps several server processes alive on their sockets and stops them together.
+
+uvicorn's own supervisor builds a plain ``uvicorn.Server`` in each child, which would lose the
+drain on SIGTERM (app/process/server.py). This one runs our target in each child, forwards every
+signal to the children (so a second SIGTERM still stops them at once) and replaces a child that
+dies, on the same socket, unless it exited with uvicorn's start-up failure status, which a restart
+would only repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+
+from uvicorn.config import STARTUP_FAILURE
+
+from app.process.topology import Slot
+
+log = logging.getLogger("cnnserve")
+
+POLL_SECONDS = 0.5
+
+
+class Supervisor:
+    def __init__(
+        self,
+        target: Callable[[list[socket.socket], Slot], None],
+        sockets: list[socket.socket],
+        on_death: Callable[[int], None] = lambda pid: None,
+    ) -> None:
+        self.target = target
+        self.sockets = sockets
+        self.on_death = on_death
+        self.context = multiprocessing.get_context("spawn")
+        self.counts = self.context.RawArray("i", len(sockets))
+        self.children: list[BaseProcess] = []
+        self.stopping = threading.Event()
+        self.failed = False
+
+    def start_child(self, index: int) -> BaseProcess:
+        self.counts[index] = 0
+        slot = (self.counts, index)
+        child = self.context.Process(target=self.target, args=([self.sockets[index]], slot), name="cnnserve-server")
+        child.start()
+        log.info("started server process %d", child.pid)
+        return child
+
+    def forward(self, sig: int, _frame: object = None) -> None:
+        self.stopping.set()
+        for child in self.children:
+            if child.is_alive() and child.pid is not None:  # alive, so started: pid is set
+                os.kill(child.pid, sig)
+
+    def run(self) -> int:
+        """Serves until SIGTERM or SIGINT; returns the exit status (1 if a child could not start)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.forward)
+        self.children = [self.start_child(i) for i in range(len(self.sockets))]
+        while not self.stopping.wait(POLL_SECONDS):
+            self.replace_dead()
+        for child in self.children:
+            child.join()
+        return 1 if self.failed else 0
+
+    def replace_dead(self) -> None:
+        for i, child in enumerate(self.children):
+            if child.is_alive() or self.stopping.is_set():
+                continue
+            if child.pid is not None:  # always, once started
+                self.on_death(child.pid)
+            if child.exitcode == STARTUP_FAILURE:
+                log.error("server process %d could not start; stopping the others", child.pid)
+                self.failed = True
+                self.forward(signal.SIGTERM)
+                return
+            log.error("server process %d died (exit code %s); starting another", child.pid, child.exitcode)
+            self.children[i] = self.start_child(i)

@@ -1,0 +1,260 @@
+"""A model folder -> a finished, immutable model, or ModelRefused with the reason.
+
+Every check runs before a request can find out: model.json against its schema, the sha256 of
+model.onnx, external data that would be read from outside the folder, the ONNX inputs and outputs
+against model.json, and real test inferences (which also measure the model for app/sizing.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from app import sizing
+from app.config import Settings
+from app.metrics import Metrics
+from app.serving.batching import Batcher
+from app.serving.inspect.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
+from app.serving.runtime import CPU, ProviderUnavailable, create_session
+from app.serving.spec import InputSpec, ModelSpec
+
+log = logging.getLogger("cnnserve.loader")
+
+VERSION = "1"  # each folder holds one version of its model
+
+
+class ModelRefused(Exception):
+    """A model folder that cannot be served, with the reason."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output as the session declares it; -1 stands for a symbolic dimension."""
+
+    name: str
+    element_type: str  # ONNX Runtime's, e.g. "tensor(float)"
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, node: Any) -> Tensor:
+        return cls(node.name, node.type, tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape))
+
+
+@dataclass(frozen=True)
+class Model:
+    """A served model: its spec, session, plan and batcher, fixed once loaded."""
+
+    spec: ModelSpec
+    path: Path
+    session: ort.InferenceSession
+    providers: tuple[str, ...]
+    input: Tensor
+    output: Tensor
+    plan: sizing.Plan
+    batcher: Batcher
+    analysis: Analysis | None  # None: the graph could not be read, or feature maps are off
+    featuremaps: LazyFeatureMaps | None
+    timeout: float
+    load_seconds: float
+    version: str = VERSION
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A model folder that is not served, and why."""
+
+    name: str
+    path: Path
+    reason: str
+
+
+def load(folder: Path, settings: Settings, metrics: Metrics, processes: int) -> Model:
+    """Everything is checked and measured before the model exists; raises ModelRefused."""
+    started = time.perf_counter()
+    spec = read_spec(folder)
+    onnx_bytes = read_verified(folder / "model.onnx", spec.sha256)
+    proto = parse_onnx(onnx_bytes)
+    external = check_external_data(proto, folder)
+    source = str(folder / "model.onnx") if external else onnx_bytes
+    guess = sizing.first_guess(settings, processes)
+    session = open_session(source, settings.providers, guess)
+    model_input, model_output = check_signature(spec, session)
+    providers = tuple(session.get_providers())
+    plan = sizing.plan(settings, processes, warm_up(spec, session), providers[0] == CPU)
+    if plan.threads != guess:
+        session = open_session(source, settings.providers, plan.threads)
+        warm_up(spec, session)
+    batcher = Batcher(
+        spec.name,
+        runner(session, spec),
+        max_batch=settings.max_batch_size,
+        max_delay=settings.max_queue_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        workers=plan.workers,
+        metrics=metrics,
+    )
+    analysis, featuremaps = None, None
+    if settings.featuremaps:
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+        analysis, featuremaps = inspection(proto, folder, spec, settings, plan.threads)
+    return Model(
+        spec=spec,
+        path=folder,
+        session=session,
+        providers=providers,
+        input=model_input,
+        output=model_output,
+        plan=plan,
+        batcher=batcher,
+        analysis=analysis,
+        featuremaps=featuremaps,
+        timeout=settings.request_timeout_s,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def runner(session: ort.InferenceSession, spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """The batcher's call: a batch in, the output model.json names out."""
+    outputs, input_name = [spec.output.name], spec.input.name
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        (result,) = session.run(outputs, {input_name: batch})
+        return result  # type: ignore[no-any-return]  # ORT's stubs say list[Any]
+
+    return run
+
+
+def parse_onnx(content: bytes) -> onnx.ModelProto:
+    try:
+        return onnx.load_from_string(content)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise ModelRefused(f"model.onnx is not a valid ONNX model: {error}") from None
+
+
+def check_external_data(proto: onnx.ModelProto, folder: Path) -> bool:
+    """Whether weights live in external files; refuse any that would be read from outside the
+    model's folder (absolute paths, '..', symbolic links out)."""
+    root = folder.resolve()
+    external = False
+    for tensor in proto.graph.initializer:
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        external = True
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
+            raise ModelRefused(f"external data {location!r} of tensor {tensor.name!r} lies outside the model folder")
+        if not target.is_file():
+            raise ModelRefused(f"external data file {location!r} of tensor {tensor.name!r} is missing")
+    return external
+
+
+def inspection(
+    proto: onnx.ModelProto, folder: Path, spec: ModelSpec, settings: Settings, threads: int
+) -> tuple[Analysis | None, LazyFeatureMaps | None]:
+    """Read the graph now (cheap, and /models can say what it offers); build the second session
+    only when first asked, from the file re-read and re-verified then."""
+    try:
+        analysis = Analysis.of(proto, spec)
+    except Exception as error:  # a graph onnx cannot analyse still classifies
+        log.warning("model %s: no feature maps, the graph could not be analysed: %s", spec.name, error)
+        return None, None
+
+    def build() -> FeatureMapSession:
+        fresh = onnx.load_from_string(read_verified(folder / "model.onnx", spec.sha256))
+        if check_external_data(fresh, folder):
+            onnx.external_data_helper.load_external_data_for_model(fresh, str(folder))
+        return FeatureMapSession(fresh, spec, analysis, settings.providers, threads)
+
+    return analysis, LazyFeatureMaps(build)
+
+
+def read_spec(folder: Path) -> ModelSpec:
+    try:
+        raw = json.loads((folder / "model.json").read_text())
+        spec = ModelSpec.model_validate(raw)
+    except FileNotFoundError:
+        raise ModelRefused("model.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelRefused(f"model.json is not valid JSON: {error}") from None
+    except ValidationError as error:
+        raise ModelRefused(f"model.json does not match the schema: {error}") from None
+    if spec.name != folder.name:
+        raise ModelRefused(f"model.json names {spec.name!r} but the folder is {folder.name!r}")
+    return spec
+
+
+def read_verified(path: Path, expected_sha256: str) -> bytes:
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelRefused("model.onnx is missing") from None
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != expected_sha256:
+        raise ModelRefused(f"model.onnx sha256 is {actual}, model.json says {expected_sha256}")
+    return content
+
+
+def check_signature(spec: ModelSpec, session: ort.InferenceSession) -> tuple[Tensor, Tensor]:
+    """The ONNX input and output must be what model.json says, before any request finds out."""
+    inputs = {i.name: Tensor.of(i) for i in session.get_inputs()}
+    outputs = {o.name: Tensor.of(o) for o in session.get_outputs()}
+    if len(inputs) != 1 or spec.input.name not in inputs:
+        raise ModelRefused(f"model.json input {spec.input.name!r} is not the one ONNX input of {list(inputs)}")
+    if spec.output.name not in outputs:
+        raise ModelRefused(f"model.json output {spec.output.name!r} not among the ONNX outputs {list(outputs)}")
+    shape = inputs[spec.input.name].shape
+    expected = list(dims(spec.input)[1:])
+    if len(shape) != 4 or any(d != -1 and d != e for d, e in zip(shape[1:], expected, strict=True)):
+        raise ModelRefused(
+            f"ONNX input shape {list(shape)} does not fit {spec.input.layout} {expected} from model.json"
+        )
+    return inputs[spec.input.name], outputs[spec.output.name]
+
+
+def dims(spec: InputSpec, batch: int = 1) -> tuple[int, int, int, int]:
+    """The input tensor's shape for ``batch`` images."""
+    if spec.layout == "NCHW":
+        return (batch, spec.channels, spec.height, spec.width)
+    return (batch, spec.height, spec.width, spec.channels)
+
+
+def open_session(source: bytes | str, preference: str, threads: int) -> ort.InferenceSession:
+    try:
+        return create_session(source, preference, threads)
+    except ProviderUnavailable as error:
+        raise ModelRefused(str(error)) from None
+    except Exception as error:  # ONNX Runtime raises several unrelated types for a bad file
+        raise ModelRefused(f"ONNX Runtime cannot load model.onnx: {error}") from error
+
+
+def warm_up(spec: ModelSpec, session: ort.InferenceSession) -> float:
+    """Real runs, which also prove the output has one score per label; returns the seconds the
+    second run took (the first pays for allocations)."""
+    run = runner(session, spec)
+    batch = np.zeros(dims(spec.input), np.float32)
+    try:
+        out = run(batch)
+        started = time.perf_counter()
+        run(batch)
+    except Exception as error:
+        raise ModelRefused(f"a test inference failed: {error}") from error
+    if out.shape != (1, len(spec.labels)):
+        raise ModelRefused(f"output shape {list(out.shape)} does not fit {len(spec.labels)} labels")
+    return time.perf_counter() - started

@@ -1,0 +1,87 @@
+"""What the service answers, typed: every adapter renders these, and /docs shows them to clients."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from app.serving.spec import Accuracy, InputSpec, Source
+
+
+class Prediction(BaseModel):
+    index: int = Field(description="class index in the model's output")
+    label: str
+    score: float = Field(description="softmax probability")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    predictions: list[Prediction] = Field(description="best first")
+
+
+class ServingPlan(BaseModel):
+    """What app/sizing.py gave the model in this server process."""
+
+    processes: int = Field(description="server processes, each holding every model")
+    cpus: int = Field(description="this process's share of the CPUs")
+    threads: int = Field(description="ONNX Runtime intra-op threads per inference")
+    workers: int = Field(description="batches run at once")
+    decode: Literal["worker", "pool"] = Field(description="where images over 64x64 are decoded")
+    max_batch_size: int
+    max_queue: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    status: Literal["ready", "failed"]
+    reason: str | None = Field(None, description="why a failed model was refused")
+    description: str | None = None
+    input: InputSpec | None = None
+    labels: int | None = Field(None, description="number of classes")
+    provider: str | None = Field(None, description="the execution provider the session actually got")
+    providers: list[str] | None = None
+    accuracy: Accuracy | None = None
+    source: Source | None = None
+    sha256: str | None = None
+    load_seconds: float | None = None
+    default: bool = False
+    layers: int | None = Field(None, description="layers /featuremaps can show")
+    cam: bool = Field(False, description="whether /cam can draw a class activation map")
+    serving: ServingPlan | None = None
+
+
+class ModelList(BaseModel):
+    default_model: str
+    models: list[ModelInfo]
+
+
+class LayerInfo(BaseModel):
+    name: str = Field(description="PyTorch module path where the exporter kept it, else the ONNX node name")
+    operator: str = Field(description="ONNX operator")
+    stage: Literal["convolution", "detector", "pooling", "block"]
+    output_shape: list[int] = Field(description="channels, height, width for one image")
+    input_shape: list[int] | None = None
+    kernel: list[int] | None = None
+    stride: list[int] | None = None
+    padding: list[int] | None = Field(None, description="ONNX order: top, left, bottom, right")
+    dilation: list[int] | None = None
+    groups: int | None = None
+    parameters: int | None = Field(None, description="weights plus biases of a convolution")
+    folded_batchnorm: bool = False
+    predicted_output: list[int] | None = Field(None, description="height, width from (N + 2P - F) / S + 1")
+    formula: str | None = None
+
+
+class LayerList(BaseModel):
+    model: str
+    input_shape: list[int]
+    cam: bool = Field(description="whether /cam can draw a class activation map for this model")
+    layers: list[LayerInfo]
+
+
+class ChannelStats(BaseModel):
+    index: int
+    min: float
+    max: float
+    mean: float

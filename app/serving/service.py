@@ -1,0 +1,309 @@
+"""The data plane: classify, infer on tensors, feature maps, CAM, layers, model metadata, readiness.
+
+Every protocol adapter (HTTP today; gRPC and Ray Serve next) calls this and nothing below it. It
+owns what must be the same whichever protocol asked:
+
+- admission: every request that costs inference (classify, infer, feature maps, CAM) is counted
+  against its model's capacity from before its body is read until it is answered, and refused
+  with 429 and Retry-After beyond it (``Batcher.admission``);
+- where images are decoded: inline for tiny images, on the model's own worker threads when
+  app/sizing.py says so, else in the thread pool; never on the event loop for long;
+- the race against a client that has gone: its queued work is dropped before it runs;
+- softmax and top-k, in app/serving/postprocess.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from app.config import Settings
+from app.serving import postprocess, preprocess
+from app.serving.disconnect import Gone, unless_gone
+from app.serving.errors import BadRequest, InvalidParameter, NotFound
+from app.serving.inspect import layers, render
+from app.serving.inspect.featuremaps import FeatureMapSession
+from app.serving.loader import Model, Refusal, Tensor
+from app.serving.repository import Repository
+from app.serving.schemas import ClassifyResponse, LayerInfo, LayerList, ModelInfo, ModelList, ServingPlan
+
+T = TypeVar("T")
+Image = bytes | Callable[[], Awaitable[bytes]]
+"""An image's bytes, or the call that reads them (so that a refused request never reads its body)."""
+MAX_TENSOR_BATCH = 64  # most images in one tensor request
+
+
+@dataclass
+class Lifecycle:
+    """What the process tells the data plane about itself: draining after SIGTERM."""
+
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    status: str
+    models_loaded: int
+    models_failed: int
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    model: str
+    layer: LayerInfo
+    shape: tuple[int, ...]  # the whole layer: channels, height, width
+    channels: list[int]
+    maps: np.ndarray  # the chosen channels, (len(channels), height, width)
+
+
+@dataclass(frozen=True)
+class ClassActivation:
+    png: bytes  # the map over the photo as the model saw it
+    class_index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's tensors and batching, as the Open Inference Protocol's metadata reports them."""
+
+    name: str
+    versions: list[str]
+    input: Tensor
+    output: Tensor
+    max_batch_size: int
+    preferred_batch_size: int
+    max_queue_delay_ms: float
+
+
+@dataclass(frozen=True)
+class Inference:
+    model: str
+    version: str
+    output: str
+    values: np.ndarray
+    labels: list[str]
+
+
+class Service:
+    def __init__(self, settings: Settings, repository: Repository, lifecycle: Lifecycle) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.lifecycle = lifecycle
+
+    # -- readiness and metadata ------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        """Loaded, the default model served, and not shutting down: /readyz and the V2 probe."""
+        repository = self.repository
+        if self.lifecycle.draining:
+            status = "draining: shutting down"
+        elif not repository.loaded:
+            status = "loading"
+        elif self.settings.default_model not in repository.models:
+            status = "default model unavailable"
+        else:
+            status = "ready"
+        return Readiness(status == "ready", status, len(repository.models), len(repository.refused))
+
+    def model_ready(self, name: str, version: str | None = None) -> None:
+        """Returns if the model can answer; raises the error that says why not."""
+        self.repository.get(name, version)
+
+    def catalogue(self) -> ModelList:
+        entries = self.repository.entries()
+        return ModelList(default_model=self.settings.default_model, models=[self._info(e) for e in entries])
+
+    def describe(self, name: str) -> ModelInfo:
+        return self._info(self.repository.entry(name))
+
+    def _info(self, entry: Model | Refusal) -> ModelInfo:
+        default = entry.name == self.settings.default_model
+        if isinstance(entry, Refusal):
+            return ModelInfo(name=entry.name, status="failed", reason=entry.reason, default=default)
+        spec, plan = entry.spec, entry.plan
+        return ModelInfo(
+            name=spec.name,
+            status="ready",
+            description=spec.description,
+            input=spec.input,
+            labels=len(spec.labels),
+            provider=entry.providers[0],
+            providers=list(entry.providers),
+            accuracy=spec.accuracy,
+            source=spec.source,
+            sha256=spec.sha256,
+            load_seconds=round(entry.load_seconds, 3),
+            default=default,
+            layers=len(entry.analysis.layers) if entry.analysis else 0,
+            cam=entry.analysis is not None and entry.analysis.cam is not None,
+            serving=ServingPlan(
+                processes=plan.processes,
+                cpus=plan.cpus,
+                threads=plan.threads,
+                workers=plan.workers,
+                decode=plan.decode,
+                max_batch_size=self.settings.max_batch_size,
+                max_queue=self.settings.max_queue,
+            ),
+        )
+
+    def signature(self, name: str, version: str | None = None) -> Signature:
+        model = self.repository.get(name, version)
+        return Signature(
+            name=model.name,
+            versions=[model.version],
+            input=model.input,
+            output=model.output,
+            max_batch_size=MAX_TENSOR_BATCH,
+            preferred_batch_size=self.settings.max_batch_size,
+            max_queue_delay_ms=self.settings.max_queue_delay_ms,
+        )
+
+    async def layers(self, name: str) -> LayerList:
+        model = self.repository.get(name)
+        session = await self._featuremap_session(model)
+        spec = model.spec.input
+        return LayerList(
+            model=model.name,
+            input_shape=[spec.channels, spec.height, spec.width],
+            cam=session.analysis.cam is not None,
+            layers=[layers.describe(layer, session) for layer in session.analysis.layers],
+        )
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def classify(
+        self, name: str | None, image: Image, top_k: int, *, version: str | None = None, gone: Gone | None = None
+    ) -> ClassifyResponse:
+        if top_k > self.settings.max_top_k:
+            raise InvalidParameter(f"top_k must be at most {self.settings.max_top_k}")
+        model = self.repository.get(name, version)
+        with model.batcher.admission():
+            data = await _bytes(image)
+            work = preprocess.checked(data, model.spec.input, self.settings.max_pixels)
+            if callable(work) and model.plan.decode == "pool":
+                work = await _off_loop(work)
+            logits = await unless_gone(model.batcher.submit(work, model.timeout), gone)
+        predictions = postprocess.top_k(logits[0], model.spec.output.kind, top_k, model.spec.labels)
+        return ClassifyResponse(model=model.name, predictions=predictions)
+
+    async def infer(
+        self, name: str, inputs: Mapping[str, np.ndarray], *, version: str | None = None, gone: Gone | None = None
+    ) -> Inference:
+        """Inference on preprocessed tensors, through the same batcher and admission as images."""
+        model = self.repository.get(name, version)
+        batch = _checked_tensor(model, inputs)
+        with model.batcher.admission():
+            output = await unless_gone(model.batcher.submit(batch, model.timeout), gone)
+        return Inference(model.name, model.version, model.output.name, output, model.spec.labels)
+
+    async def featuremaps(
+        self,
+        name: str | None,
+        image: Image,
+        *,
+        layer: str | None = None,
+        channels: str | None = None,
+        gone: Gone | None = None,
+    ) -> FeatureMaps:
+        """One layer's activations for the chosen channels. Decoding and inference both run in one
+        job on the model's worker threads, so a flood of big photos waits as bytes, not pixels."""
+        model = self.repository.get(name)
+        with model.batcher.admission():
+            session = await self._featuremap_session(model)
+            chosen = layers.pick(session, layer)
+            shape = session.shapes[chosen.tensor]
+            picked = layers.parse_channels(channels, shape[0], self.settings.max_feature_channels)
+            data = await _bytes(image)
+            work = preprocess.checked(data, model.spec.input, self.settings.max_pixels)
+
+            def run() -> np.ndarray:
+                batch = work() if callable(work) else work
+                (maps,) = session.run(batch, [chosen.tensor])
+                picked_maps: np.ndarray = maps[0][picked]
+                return picked_maps
+
+            maps = await unless_gone(model.batcher.call(run, model.timeout), gone)
+        return FeatureMaps(model.name, layers.describe(chosen, session), shape, picked, maps)
+
+    async def featuremap_png(self, maps: FeatureMaps, colormap: str = "auto", scale: int = 0) -> bytes:
+        """The chosen channels tiled in a grid: coolwarm around zero for signed maps, gray otherwise."""
+        name = colormap if colormap != "auto" else ("coolwarm" if bool((maps.maps < 0).any()) else "gray")
+        upscale = scale or render.auto_upscale(*maps.maps.shape[1:])
+        return await _off_loop(lambda: render.png(render.tile(maps.maps, name, upscale, name in render.DIVERGING)))
+
+    async def cam(
+        self,
+        name: str | None,
+        image: Image,
+        *,
+        class_index: int | None = None,
+        alpha: float = 0.5,
+        gone: Gone | None = None,
+    ) -> ClassActivation:
+        """The class activation map over the photo as the model saw it (after resize and crop)."""
+        model = self.repository.get(name)
+        labels = model.spec.labels
+        if class_index is not None and class_index >= len(labels):
+            raise InvalidParameter(f"class_index must be below {len(labels)}")
+        with model.batcher.admission():
+            session = await self._featuremap_session(model)
+            head = session.analysis.cam
+            if head is None:
+                raise NotFound(
+                    f"model {model.name!r} has no class activation map: it needs global average pooling "
+                    "followed by one linear layer"
+                )
+            data = await _bytes(image)
+            opened = preprocess.open_checked(data, self.settings.max_pixels)
+            spec = model.spec.input
+
+            def run() -> tuple[Any, np.ndarray, np.ndarray]:
+                photo = preprocess.finish(opened, spec)
+                features, logits = session.run(preprocess.to_tensor(photo, spec), [head.features, model.output.name])
+                return photo, features[0], logits[0]
+
+            photo, features, logits = await unless_gone(model.batcher.call(run, model.timeout), gone)
+        chosen = int(logits.argmax()) if class_index is None else class_index
+        heat = layers.class_activation(head, features, chosen)
+        picture = await _off_loop(lambda: render.png(render.overlay(photo, heat, alpha)))
+        score = postprocess.probabilities(logits, model.spec.output.kind)[chosen]
+        return ClassActivation(picture, chosen, labels[chosen], float(score))
+
+    async def _featuremap_session(self, model: Model) -> FeatureMapSession:
+        """The model's second session, built on its worker threads the first time it is asked for."""
+        if model.featuremaps is None:
+            raise NotFound(f"model {model.name!r} offers no feature maps (disabled, or its graph could not be read)")
+        if model.featuremaps.built:
+            return model.featuremaps.get()
+        return await model.batcher.call(model.featuremaps.get, model.timeout)  # type: ignore[no-any-return]
+
+
+async def _bytes(image: Image) -> bytes:
+    return image if isinstance(image, bytes) else await image()
+
+
+async def _off_loop(work: Callable[[], T]) -> T:
+    """``work()`` in the loop's default thread pool (a bounded one: min(32, CPUs + 4) threads)."""
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def _checked_tensor(model: Model, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The one input the model takes, of its shape, with a batch of 1 to MAX_TENSOR_BATCH."""
+    expected = model.input
+    if list(inputs) != [expected.name]:
+        raise BadRequest(f"model {model.name!r} takes one input named {expected.name!r}")
+    batch = inputs[expected.name]
+    shape = batch.shape
+    if len(shape) != len(expected.shape) or any(e not in (-1, s) for e, s in zip(expected.shape, shape, strict=True)):
+        raise BadRequest(f"input {expected.name!r} has shape {list(shape)}; the model takes {list(expected.shape)}")
+    if not 1 <= len(batch) <= MAX_TENSOR_BATCH:
+        raise BadRequest(f"batch size must be 1 to {MAX_TENSOR_BATCH}, got {len(batch)}")
+    return np.ascontiguousarray(batch, dtype=np.float32)

@@ -1,0 +1,34 @@
+"""The one typed object every adapter is handed: settings, metrics, repository, service, lifecycle.
+
+Built once per server process by ``build`` and passed in explicitly (``create_app(settings,
+services)``); nothing is found by attribute name or through the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.config import Settings
+from app.metrics import Metrics
+from app.serving import preprocess
+from app.serving.repository import Repository
+from app.serving.service import Lifecycle, Service
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    metrics: Metrics
+    repository: Repository
+    service: Service
+    lifecycle: Lifecycle
+
+
+def build(settings: Settings, processes: int = 1) -> Services:
+    """Everything one server process needs; ``processes`` is how many share the port (each gets
+    its share of the CPUs). Models are not loaded yet: ``services.repository.load_all()`` does it."""
+    preprocess.refuse_decompression_bombs()
+    metrics = Metrics(settings.prometheus_multiproc_dir)
+    repository = Repository(settings, metrics, processes)
+    lifecycle = Lifecycle()
+    return Services(settings, metrics, repository, Service(settings, repository, lifecycle), lifecycle)

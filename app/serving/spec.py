@@ -1,0 +1,97 @@
+"""model.json: what the service needs to serve a model without guessing.
+
+This pydantic model is the one definition of the format; ``models/model.schema.json`` is generated
+from it (``python -m app.serving.spec``) for the training side and for people writing model.json by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Strict):
+    """How an image becomes the input tensor. Pixels are on the 0..255 scale before mean and std."""
+
+    name: str = Field(description="ONNX input tensor name")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    color: Literal["L", "RGB", "BGR"] = Field(description="channel order the model was trained on")
+    height: int = Field(gt=0, le=4096)
+    width: int = Field(gt=0, le=4096)
+    resize: int | None = Field(
+        default=None,
+        gt=0,
+        description="shorter side is resized to this before the centre crop to height x width; "
+        "null resizes straight to height x width",
+    )
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    mean: list[float] = Field(description="per channel, on the 0..255 pixel scale")
+    std: list[float] = Field(description="per channel, on the 0..255 pixel scale")
+
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> InputSpec:
+        channels = 1 if self.color == "L" else 3
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std need {channels} value(s) for colour mode {self.color}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        if self.resize is not None and self.resize < min(self.height, self.width):
+            raise ValueError("resize must be at least the crop size")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "L" else 3
+
+
+class OutputSpec(Strict):
+    name: str = Field(description="ONNX output tensor name")
+    kind: Literal["logits", "probabilities"]
+
+
+class Source(Strict):
+    architecture: str
+    dataset: str
+    command: str | None = Field(default=None, description="the command that reproduces the model")
+    pretrained: str | None = Field(default=None, description="where pretrained weights came from")
+    framework: str | None = None
+
+
+class Accuracy(Strict):
+    dataset: str
+    split: str
+    samples: int = Field(gt=0)
+    top1: float = Field(ge=0, le=1)
+    top5: float = Field(ge=0, le=1)
+    measured_with: str = Field(description="what ran the measurement, e.g. onnxruntime 1.32.0 on the exported file")
+
+
+class ModelSpec(Strict):
+    schema_version: Literal[1] = 1
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    input: InputSpec
+    output: OutputSpec
+    labels: list[str] = Field(min_length=1)
+    source: Source
+    accuracy: Accuracy | None = None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of model.onnx")
+
+
+def json_schema() -> dict[str, Any]:
+    schema = ModelSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "cnnserve model.json"
+    return schema
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))

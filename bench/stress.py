@@ -5,6 +5,7 @@ accepted ones come back, and whether /healthz stays quick meanwhile).
 
     python -m bench.stress soak --requests 50000
     python -m bench.stress overload --clients 64 --seconds 30
+    python -m bench.stress overload --path /featuremaps --seconds 20 --timeout 10
     python -m bench.stress featurecost      # start-up, and what feature maps cost /classify
 """
 
@@ -65,18 +66,25 @@ class Connection:
         self.http = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
 
     def send(self, call: Call) -> tuple[int | str, float]:
+        status, seconds, _ = self.exchange(call)
+        return status, seconds
+
+    def exchange(self, call: Call) -> tuple[int | str, float, float]:
+        """Status, seconds, and the Retry-After the server asked for (0 if none)."""
         headers = {"content-type": call.media_type} if call.media_type else {}
         started = time.perf_counter()
+        retry_after = 0.0
         try:
             self.http.request(call.method, call.path, body=call.body, headers=headers)
             response = self.http.getresponse()
             response.read()
             status: int | str = response.status
+            retry_after = float(response.getheader("retry-after") or 0)
         except (OSError, http.client.HTTPException) as error:
             status = type(error).__name__
             self.http.close()
             self.http = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
-        return status, time.perf_counter() - started
+        return status, time.perf_counter() - started, retry_after
 
 
 def soak(args: argparse.Namespace, inputs: Path) -> dict:
@@ -126,16 +134,29 @@ def soak(args: argparse.Namespace, inputs: Path) -> dict:
 
 
 def overload(args: argparse.Namespace, inputs: Path) -> dict:
-    big = Call("12-megapixel JPEG", "POST", "/classify", (inputs / "big.jpg").read_bytes(), "image/jpeg")
+    """``args.clients`` clients send 12-megapixel JPEGs to ``args.path`` for ``args.seconds``, each
+    giving up after ``args.timeout`` (and reconnecting), as impatient clients do, and waiting as
+    long as a 429's Retry-After says unless ``args.ignore_retry_after``. The service's resident
+    memory is sampled throughout, from after one request of the kind has warmed it up (building
+    the feature-map sessions, for /featuremaps)."""
+    big = Call("12-megapixel JPEG", "POST", args.path, (inputs / "big.jpg").read_bytes(), "image/jpeg")
     port, server = start_service({})
     results: list[tuple[int | str, float]] = []
     health: list[tuple[int | str, float]] = []
+    ready_rss = rss_mb(server.pid)
+    for _ in range(8):  # each server process gets one, on fresh connections
+        Connection(port).send(big)
+    warm_rss = rss_mb(server.pid)
+    memory = [warm_rss]
     stop_at = time.monotonic() + args.seconds
 
     def client() -> None:
-        connection = Connection(port)
+        connection = Connection(port, timeout=args.timeout)
         while time.monotonic() < stop_at:
-            results.append(connection.send(big))
+            status, seconds, retry_after = connection.exchange(big)
+            results.append((status, seconds))
+            if status == 429 and not args.ignore_retry_after:
+                time.sleep(min(retry_after, max(0.0, stop_at - time.monotonic())))
 
     def prober() -> None:
         connection = Connection(port, timeout=10)
@@ -147,17 +168,22 @@ def overload(args: argparse.Namespace, inputs: Path) -> dict:
         threads = [threading.Thread(target=client) for _ in range(args.clients)] + [threading.Thread(target=prober)]
         for thread in threads:
             thread.start()
-        for _ in tqdm(range(int(args.seconds)), desc=f"overload, {args.clients} clients", unit="s"):
+        for _ in tqdm(range(int(args.seconds)), desc=f"overload {args.path}, {args.clients} clients", unit="s"):
             time.sleep(1)
+            memory.append(rss_mb(server.pid))
         for thread in threads:
             thread.join()
+        time.sleep(2)  # what is still running for clients that gave up
+        memory.append(rss_mb(server.pid))
     finally:
         stop(server)
     accepted = np.array([seconds for status, seconds in results if status == 200]) * 1000
     health_ms = np.array([seconds for _, seconds in health]) * 1000
     return {
+        "path": args.path,
         "clients": args.clients,
         "seconds": args.seconds,
+        "client_timeout_s": args.timeout,
         "answers": dict(Counter(str(status) for status, _ in results)),
         "accepted_per_s": len(accepted) / args.seconds,
         "accepted_p50_ms": float(np.percentile(accepted, 50)) if len(accepted) else None,
@@ -165,6 +191,12 @@ def overload(args: argparse.Namespace, inputs: Path) -> dict:
         "healthz": dict(Counter(str(status) for status, _ in health)),
         "healthz_p99_ms": float(np.percentile(health_ms, 99)),
         "healthz_max_ms": float(health_ms.max()),
+        "honours_retry_after": not args.ignore_retry_after,
+        "rss_ready_mb": ready_rss,
+        "rss_warm_mb": warm_rss,
+        "rss_peak_mb": max(memory),
+        "rss_end_mb": memory[-1],
+        "rss_growth_mb": max(memory) - warm_rss,
     }
 
 
@@ -209,6 +241,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     overload_args = runs.add_parser("overload", help="many clients with 12-megapixel photos")
     overload_args.add_argument("--clients", type=int, default=64)
     overload_args.add_argument("--seconds", type=float, default=30.0)
+    overload_args.add_argument("--path", default="/classify", help="e.g. /featuremaps (default /classify)")
+    overload_args.add_argument("--timeout", type=float, default=60.0, help="seconds a client waits for an answer")
+    overload_args.add_argument(
+        "--ignore-retry-after", action="store_true", help="clients send again at once after a 429, as hostile ones do"
+    )
     cost_args = runs.add_parser("featurecost", help="start-up, memory and /classify latency with feature maps")
     cost_args.add_argument("--requests", type=int, default=300)
     for run in (soak_args, overload_args, cost_args):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Query, Request
+from fastapi import Path, Query, Request
 
 from app.serving.preprocess import MEDIA_TYPES
 from app.serving.services import Services
@@ -24,6 +24,8 @@ ModelName = Annotated[
     str | None,
     Query(alias="model", pattern=NAME_PATTERN, description="model name; default: the configured default"),
 ]
+
+ModelPath = Annotated[str, Path(pattern=NAME_PATTERN, description="model name")]
 
 IMAGE_BODY: dict[str, Any] = {
     "requestBody": {

@@ -200,7 +200,7 @@ class Service:
         """Inference on preprocessed tensors, through the same batcher and admission as images."""
         model = self.repository.get(name, version)
         batch = _checked_tensor(model, inputs)
-        with model.batcher.admission():
+        with model.batcher.admission(cost=min(len(batch), model.batcher.max_batch)):
             output = await unless_gone(model.batcher.submit(batch, model.timeout), gone)
         return Inference(model.name, model.version, model.output.name, output, model.spec.labels)
 
@@ -216,7 +216,7 @@ class Service:
         """One layer's activations for the chosen channels. Decoding and inference both run in one
         job on the model's worker threads, so a flood of big photos waits as bytes, not pixels."""
         model = self.repository.get(name)
-        with model.batcher.admission():
+        with model.batcher.admission(cost=model.batcher.max_batch):
             session = await self._featuremap_session(model)
             chosen = layers.pick(session, layer)
             shape = session.shapes[chosen.tensor]
@@ -253,7 +253,7 @@ class Service:
         labels = model.spec.labels
         if class_index is not None and class_index >= len(labels):
             raise InvalidParameter(f"class_index must be below {len(labels)}")
-        with model.batcher.admission():
+        with model.batcher.admission(cost=model.batcher.max_batch):
             session = await self._featuremap_session(model)
             head = session.analysis.cam
             if head is None:

@@ -171,3 +171,26 @@ def test_the_service_is_healthy_after_bad_input(client, photos):
         headers={"content-type": "image/png"},
     )
     assert ok.status_code == 200
+
+
+def test_under_v2_a_body_over_the_limit_is_an_error_body(small_limits):
+    too_big = small_limits.post("/v2/models/lenet5/infer", content=b"{" + b" " * 60_000 + b"}")
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
+
+
+def test_under_v2_unknown_routes_and_methods_are_error_bodies(client):
+    unknown_route = client.get("/v2/nothing/here")
+    assert unknown_route.status_code == 404 and unknown_route.json()["error"] == "Not Found"
+    wrong_method = client.delete("/v2/models/lenet5/infer")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"] == "Method Not Allowed"
+
+
+def test_outside_v2_validation_errors_keep_fastapis_detail_list(client, photos):
+    response = client.post("/classify?top_k=0", files={"file": photos["chelsea"].read_bytes()})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "top_k"]
+
+
+def test_under_v2_a_validation_error_is_one_readable_line(client):
+    response = client.post("/v2/models/Not%20A%20Name/infer", content=b"{}")
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("path.name: String should match pattern")

@@ -38,6 +38,12 @@ def test_the_api_key_opens_the_api(guarded, photos, headers):
     assert guarded.post("/classify", files={"file": photos["chelsea"].read_bytes()}, headers=headers).status_code == 200
 
 
+def test_under_v2_a_missing_api_key_is_an_error_body(guarded):
+    response = guarded.get("/v2/models/lenet5")
+    assert response.status_code == 401 and "API key" in response.json()["error"]
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
 def test_a_wrong_api_key_is_401(guarded):
     assert guarded.get("/models", headers={"X-API-Key": KEY + "x"}).status_code == 401
     assert guarded.get("/metrics").status_code == 401

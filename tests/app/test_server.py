@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.process.topology import ConnectionShare
 
-from ..conftest import live_server, png_bytes, wait_ready
+from ..conftest import ROOT, free_port, live_server, png_bytes, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,55 @@ def test_sigterm_stops_every_server_process(several):
     assert process.returncode == 0
     assert output.count("Finished server process") == 2
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+@pytest.mark.parametrize("target", [["app.main:app"], ["--factory", "app.main:create_app"]], ids=["app", "factory"])
+def test_uvicorn_serves_the_documented_app_and_its_factory(target, photos):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, process, in_a_row=1)
+        image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
+        assert len(classify_lenet(url, image)["predictions"]) == 5
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def rebalanced_headers(read_body: bool) -> list[tuple[bytes, bytes]]:
+    """The headers a crowded process sends on a response to a POST whose body the app did or did
+    not read first."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from app.http.middleware.rebalance import Rebalance
+
+    async def answer(scope, receive, send):
+        if read_body:
+            await receive()
+        await send({"type": "http.response.start", "status": 429, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive():
+        return {"type": "http.request", "body": b"0123456789", "more_body": False}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    counter = Counter("rebalanced", "test", registry=CollectorRegistry())
+    scope = {"type": "http", "headers": [(b"content-length", b"10")]}
+    asyncio.run(Rebalance(answer, crowded=lambda: True, counter=counter)(scope, receive, send))
+    return sent[0]["headers"]
+
+
+def test_a_crowded_process_sends_away_a_client_whose_upload_it_has_read():
+    assert (b"connection", b"close") in rebalanced_headers(read_body=True)
+
+
+def test_a_client_answered_before_its_upload_was_read_is_never_cut_off():
+    assert (b"connection", b"close") not in rebalanced_headers(read_body=False)

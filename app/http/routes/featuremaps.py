@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
-from app.http.deps import IMAGE_BODY, ModelName, services
+from app.http.deps import IMAGE_BODY, ModelName, ModelPath, services
 from app.http.inputs import disconnect, image_reader
 from app.http.routes.classify import ERRORS
 from app.http.schemas import FeatureMapResponse
@@ -14,7 +14,6 @@ from app.serving.errors import InvalidParameter
 from app.serving.inspect import render
 from app.serving.schemas import ChannelStats, LayerList
 from app.serving.service import FeatureMaps
-from app.serving.spec import NAME_PATTERN
 
 router = APIRouter(tags=["feature maps"])
 CHANNELS_PATTERN = r"^\d+(-\d+)?(,\d+(-\d+)?)*$"
@@ -26,7 +25,7 @@ else:
 
 
 @router.get("/models/{name}/layers", response_model=LayerList, responses={404: ERRORS[404]})
-async def list_layers(request: Request, name: Annotated[str, Path(pattern=NAME_PATTERN)]) -> LayerList:
+async def list_layers(request: Request, name: ModelPath) -> LayerList:
     return await services(request).service.layers(name)
 
 

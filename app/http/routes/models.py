@@ -3,14 +3,11 @@ well it scored."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Request
 
-from fastapi import APIRouter, Path, Request
-
-from app.http.deps import services
+from app.http.deps import ModelPath, services
 from app.http.schemas import ErrorBody
 from app.serving.schemas import ModelInfo, ModelList
-from app.serving.spec import NAME_PATTERN
 
 router = APIRouter(tags=["models"])
 
@@ -21,5 +18,5 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.get("/models/{name}", response_model=ModelInfo, responses={404: {"model": ErrorBody}})
-async def get_model(request: Request, name: Annotated[str, Path(pattern=NAME_PATTERN)]) -> ModelInfo:
+async def get_model(request: Request, name: ModelPath) -> ModelInfo:
     return services(request).service.describe(name)

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from app.http import v2_codec
-from app.http.deps import services
+from app.http.deps import ModelPath, services
 from app.http.inputs import disconnect
 from app.serving import postprocess
 from app.serving.errors import BadRequest
@@ -55,12 +55,12 @@ async def ready(request: Request) -> Response:
 
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata for a version")
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+async def model_metadata(request: Request, name: ModelPath, version: str | None = None) -> dict[str, Any]:
     return metadata(services(request).service.signature(name, version))
 
 
 @router.get("/models/{name}/config", summary="Model configuration, Triton style")
-async def model_config(request: Request, name: str) -> dict[str, Any]:
+async def model_config(request: Request, name: ModelPath) -> dict[str, Any]:
     signature = services(request).service.signature(name)
     tensors = {"input": signature.input, "output": signature.output}
     return {
@@ -81,14 +81,14 @@ async def model_config(request: Request, name: str) -> dict[str, Any]:
 
 @router.get("/models/{name}/ready", summary="The model is ready")
 @router.get("/models/{name}/versions/{version}/ready", summary="The model version is ready")
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+async def model_ready(request: Request, name: ModelPath, version: str | None = None) -> Response:
     services(request).service.model_ready(name, version)
     return Response(status_code=200)
 
 
 @router.post("/models/{name}/infer", summary="Inference on tensors (JSON or binary-data extension)")
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+async def infer(request: Request, name: ModelPath, version: str | None = None) -> Response:
     service = services(request).service
     service.model_ready(name, version)
     parsed, binary = v2_codec.parse_request(await request.body(), request.headers.get(v2_codec.HEADER_LENGTH))

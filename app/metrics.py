@@ -61,7 +61,7 @@ class Metrics:
         )
         self.rejected = Counter(
             "cnnserve_rejected",
-            "Requests refused with 429 because the model's queue was full.",
+            "Requests refused with 429: the model was at capacity, or its queue was full.",
             ["model"],
             registry=self.registry,
         )

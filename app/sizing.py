@@ -1,7 +1,7 @@
-"""What each model gets: server processes, CPUs, ONNX Runtime threads, inference workers, and where
-its images are decoded. Every such decision is made here, from the settings, the machine and one
-measured number per model (the seconds its warm-up inference took); the loader asks once per model,
-logs the answer, and ``GET /models/{name}`` shows it.
+"""What each model gets: server processes, CPUs, ONNX Runtime threads, inference workers, where its
+images are decoded, and how much work it admits at once. Every such decision is made here, from the
+settings, the machine and one measured number per model (the seconds its warm-up inference took);
+the loader asks once per model, logs the answer, and ``GET /models/{name}`` shows it.
 
 Words: a *process* is a server process (several share the port); a *worker* is one of a model's
 inference threads, each running one batch at a time; *threads* are ONNX Runtime's intra-op threads
@@ -19,6 +19,7 @@ from app.config import Settings
 
 MAX_AUTO_PROCESSES = 4  # each process holds every model: memory grows with the count
 FAST_MODEL_SECONDS = 0.001  # below this per image, one inference worker per model
+INLINE_PIXELS = 64 * 64  # images this small are decoded on the event loop: a thread hop costs more
 
 Decode = Literal["worker", "pool"]
 
@@ -60,12 +61,14 @@ class Plan:
     cpus: int  # this process's share of the CPUs
     threads: int  # ONNX Runtime intra-op threads per inference
     workers: int  # batches run at once
-    decode: Decode  # where images over preprocess.INLINE_PIXELS are decoded
+    decode: Decode  # where images over INLINE_PIXELS are decoded
+    capacity: int  # images admitted at once: what the queue holds plus what the workers run
+    job_cost: int  # a feature map or CAM runs alone, taking a whole batch's turn on a worker
 
     def describe(self) -> str:
         return (
             f"{self.workers} worker(s) x {self.threads} thread(s) of {self.cpus} CPU(s) in each of "
-            f"{self.processes} process(es); images decoded on the {self.decode}"
+            f"{self.processes} process(es); images decoded on the {self.decode}; admits {self.capacity} image(s)"
         )
 
 
@@ -92,4 +95,12 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
         workers = settings.inference_workers or max(1, cpus // (settings.intra_op_threads or 1))
     threads = settings.intra_op_threads or max(1, cpus // workers)
     decode: Decode = "worker" if threads == 1 and on_cpu else "pool"
-    return Plan(processes=processes, cpus=cpus, threads=threads, workers=workers, decode=decode)
+    return Plan(
+        processes=processes,
+        cpus=cpus,
+        threads=threads,
+        workers=workers,
+        decode=decode,
+        capacity=settings.max_queue + settings.max_batch_size * workers,
+        job_cost=settings.max_batch_size,
+    )

@@ -1,5 +1,5 @@
 """The HTTP app factory: routers, middleware and the one error handler around the services it is
-handed. ``create_app(settings, services)`` builds nothing it is given; ``app/main.py`` holds the
+handed. ``create_app(settings)`` or ``create_app(services=...)`` builds nothing it is given; ``app/main.py`` holds the
 ``app`` that ``uvicorn app.main:app`` serves."""
 
 from __future__ import annotations
@@ -89,11 +89,14 @@ def lifespan_of(services: Services) -> Callable[[FastAPI], AbstractAsyncContextM
 def create_app(
     settings: Settings | None = None,
     services: Services | None = None,
+    *,
     crowded: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """The app over ``services`` (built from ``settings``, by default from the environment, when
     not given); ``crowded`` says when this process should send a keep-alive client away."""
-    settings = settings or (services.settings if services else Settings())
+    if services is not None and settings is not None and settings is not services.settings:
+        raise ValueError("create_app takes settings or services built from them, not both")
+    settings = services.settings if services else (settings or Settings())
     services = services or wiring.build(settings)
     configure_logging(settings.log_level)
     app = FastAPI(title="cnnserve", version=VERSION, description=DESCRIPTION, lifespan=lifespan_of(services))
@@ -101,7 +104,7 @@ def create_app(
     errors.install(app)
     for router in (classify.router, featuremaps.router, models.router, health.router, v2.router, page.router):
         app.include_router(router)
-    app.mount("/static", page.static_files, name="static")
+    app.mount("/static", page.static_files(), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())

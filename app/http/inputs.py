@@ -4,11 +4,13 @@ when the service has admitted the request, and the signal that its client has go
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from app.http.multipart import read_part
-from app.serving.errors import InvalidParameter, UnsupportedMediaType
+from app.serving.errors import ClientGone, InvalidParameter, UnsupportedMediaType
 from app.serving.preprocess import FORMATS, MEDIA_TYPES
 
 OCTET_STREAM = "application/octet-stream"
@@ -25,17 +27,28 @@ def _unsupported(media: str) -> UnsupportedMediaType:
     )
 
 
+async def read_body(request: Request) -> bytes:
+    """The whole body; a client that hangs up while sending is ClientGone, not a server error."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise ClientGone from None
+
+
 def image_reader(request: Request) -> Callable[[], Awaitable[bytes]]:
     """The call that reads the image; the media type is checked now, before any admission."""
     content_type = request.headers.get("content-type")
     media = _media_type(content_type)
     if media in MEDIA_TYPES:
-        return request.body
+        return partial(read_body, request)
     if media != "multipart/form-data":
         raise _unsupported(media)
 
     async def from_multipart() -> bytes:
-        part = await read_part(content_type or "", request.stream(), "file")
+        try:
+            part = await read_part(content_type or "", request.stream(), "file")
+        except ClientDisconnect:
+            raise ClientGone from None
         if part is None:
             raise InvalidParameter("the multipart body needs a file part named 'file'")
         data, part_type = part

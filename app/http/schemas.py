@@ -6,8 +6,6 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.serving.schemas import ChannelStats, LayerInfo
-
 
 class Health(BaseModel):
     status: str
@@ -16,12 +14,6 @@ class Health(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Under /v2 the same text comes as ``{"error": ...}``, as the Open Inference Protocol has it."""
+
     detail: str | list[Any] = Field(description="what was wrong, and what is allowed")
-
-
-class FeatureMapResponse(BaseModel):
-    model: str
-    layer: LayerInfo
-    shape: list[int] = Field(description="the whole layer: channels, height, width")
-    channels: list[ChannelStats]
-    values: list[list[list[float]]] | None = Field(None, description="the chosen channels' maps, with values=true")

@@ -92,6 +92,12 @@ def input_tensors(request: InferRequest, binary: bytes) -> dict[str, np.ndarray]
     return tensors
 
 
+def decode(body: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, np.ndarray]]:
+    """The request and its input tensors by name."""
+    request, binary = parse_request(body, header_length)
+    return request, input_tensors(request, binary)
+
+
 def class_count(parameters: dict[str, Any]) -> int:
     """The classification extension's k; 0 when the client asked for the raw tensor."""
     k = parameters.get("classification", 0)

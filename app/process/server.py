@@ -70,7 +70,7 @@ def run_server(
     shared connection counts."""
     services = wiring.build(settings, processes)
     share = ConnectionShare(slot) if slot is not None else None
-    app = create_app(settings, services, crowded=share.crowded if share else None)
+    app = create_app(services=services, crowded=share.crowded if share else None)
     config = uvicorn.Config(
         app,
         host=settings.host,

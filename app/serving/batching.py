@@ -91,6 +91,25 @@ def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *arg
         loop.call_soon_threadsafe(callback, *args)
 
 
+class Ticket:
+    """One admitted request's share of its model's capacity, in images."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.cost = 0
+
+    def charge(self, cost: int) -> None:
+        """Makes the request's share ``cost``, or raises Overloaded (leaving it as it was) if the
+        model cannot hold that much more."""
+        batcher = self.batcher
+        extra = cost - self.cost
+        if batcher.admitted + extra > batcher.capacity:
+            batcher.metrics.rejected.labels(batcher.name).inc()
+            raise Overloaded(batcher.name, batcher.retry_after())
+        batcher.admitted += extra
+        self.cost = cost
+
+
 class Batcher:
     def __init__(
         self,
@@ -101,6 +120,7 @@ class Batcher:
         max_delay: float,
         max_queue: int,
         workers: int,
+        capacity: int,
         metrics: Metrics,
     ) -> None:
         self.name = name
@@ -109,6 +129,7 @@ class Batcher:
         self.max_delay = max_delay
         self.max_queue = max_queue
         self.workers = workers
+        self.capacity = capacity  # images admitted at once: app/sizing.py decides
         self.metrics = metrics
         self.observe_queue = metrics.queue_seconds.labels(name).observe
         self.set_depth = metrics.queue_depth.labels(name).set
@@ -134,35 +155,27 @@ class Batcher:
 
     def call(self, function: Callable[[], Any], timeout: float) -> asyncio.Future[Any]:
         """``function()`` on one of this model's worker threads, alone; cancelling the future
-        drops it if it has not started. Bounded by admission(), not by the queue: the callers
-        hold their admission while they wait."""
+        drops it if it has not started. Bounded by admission(), not by the queue: the service
+        holds a request's admission while its job waits."""
         self._start()
         loop = asyncio.get_running_loop()
         job = Job(function, loop.create_future(), loop, time.perf_counter() + timeout)
         self.inbox.put(job)
         return job.future
 
-    @property
-    def capacity(self) -> int:
-        """Requests this model holds at once: what its workers run plus what its queue holds."""
-        return self.max_queue + self.max_batch * self.workers
-
     @contextmanager
-    def admission(self, cost: int = 1) -> Iterator[None]:
-        """Counts a request from before its image is read until it is answered, so that a burst
-        is refused at the door (429) instead of piling up in the decoder, where no queue bound
-        would limit its latency: measured with 64 clients sending 12-megapixel photos, p99 was
-        0.9 s without this. ``cost`` is the request's share of the capacity in images: a job
-        (feature maps, CAM) runs alone, taking a whole batch's turn on a worker, so it costs
-        ``max_batch``."""
-        if self.admitted + cost > self.capacity:
-            self.metrics.rejected.labels(self.name).inc()
-            raise Overloaded(self.name, self.retry_after())
-        self.admitted += cost
+    def admission(self, cost: int = 1) -> Iterator[Ticket]:
+        """Counts a request from before its body is read until it is answered, so that a burst is
+        refused at the door (429) instead of piling up in the decoder, where no queue bound would
+        limit its latency: measured with 64 clients sending 12-megapixel photos, p99 was 0.9 s
+        without this. ``cost`` is the request's share of ``capacity`` in images; the ticket can
+        raise it once the request's size is known."""
+        ticket = Ticket(self)
+        ticket.charge(cost)
         try:
-            yield
+            yield ticket
         finally:
-            self.admitted -= cost
+            self.admitted -= ticket.cost
 
     def retry_after(self) -> int:
         backlog = self.inbox.qsize() / (self.max_batch * self.workers)
@@ -261,9 +274,9 @@ class Batcher:
         live = self._decoded(taken)
         if not live:
             return
-        batch = np.concatenate([images for _, images in live]) if len(live) > 1 else live[0][1]
         started = time.perf_counter()
         try:
+            batch = np.concatenate([images for _, images in live]) if len(live) > 1 else live[0][1]
             output = self.run(batch)
         except Exception as error:  # each waiting request gets the model's failure
             for pending, _ in live:

@@ -43,6 +43,12 @@ class NotFound(ServingError):
     status = 404
 
 
+class RequestTimeout(ServingError):
+    """The client took longer to send its request than a request may wait."""
+
+    status = 408
+
+
 class PayloadTooLarge(ServingError):
     status = 413
 

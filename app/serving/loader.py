@@ -27,6 +27,7 @@ from app.metrics import Metrics
 from app.serving.batching import Batcher
 from app.serving.inspect.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
 from app.serving.runtime import CPU, ProviderUnavailable, create_session
+from app.serving.schemas import Tensor
 from app.serving.spec import InputSpec, ModelSpec
 
 log = logging.getLogger("cnnserve.loader")
@@ -38,17 +39,9 @@ class ModelRefused(Exception):
     """A model folder that cannot be served, with the reason."""
 
 
-@dataclass(frozen=True)
-class Tensor:
-    """One input or output as the session declares it; -1 stands for a symbolic dimension."""
-
-    name: str
-    element_type: str  # ONNX Runtime's, e.g. "tensor(float)"
-    shape: tuple[int, ...]
-
-    @classmethod
-    def of(cls, node: Any) -> Tensor:
-        return cls(node.name, node.type, tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape))
+def tensor(node: Any) -> Tensor:
+    """An input or output of the session, with -1 for each symbolic dimension."""
+    return Tensor(node.name, node.type, tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape))
 
 
 @dataclass(frozen=True)
@@ -106,6 +99,7 @@ def load(folder: Path, settings: Settings, metrics: Metrics, processes: int) -> 
         max_delay=settings.max_queue_delay_ms / 1000,
         max_queue=settings.max_queue,
         workers=plan.workers,
+        capacity=plan.capacity,
         metrics=metrics,
     )
     analysis, featuremaps = None, None
@@ -213,8 +207,8 @@ def read_verified(path: Path, expected_sha256: str) -> bytes:
 
 def check_signature(spec: ModelSpec, session: ort.InferenceSession) -> tuple[Tensor, Tensor]:
     """The ONNX input and output must be what model.json says, before any request finds out."""
-    inputs = {i.name: Tensor.of(i) for i in session.get_inputs()}
-    outputs = {o.name: Tensor.of(o) for o in session.get_outputs()}
+    inputs = {i.name: tensor(i) for i in session.get_inputs()}
+    outputs = {o.name: tensor(o) for o in session.get_outputs()}
     if len(inputs) != 1 or spec.input.name not in inputs:
         raise ModelRefused(f"model.json input {spec.input.name!r} is not the one ONNX input of {list(inputs)}")
     if spec.output.name not in outputs:

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.serving.errors import BadRequest, PayloadTooLarge
 from app.serving.spec import InputSpec
+from app.sizing import INLINE_PIXELS
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MEDIA_TYPES = frozenset(
@@ -28,7 +29,6 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 DRAFT_MARGIN = 2
-INLINE_PIXELS = 64 * 64  # images this small are decoded where they arrive: a thread hop costs more
 _HIGH_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 

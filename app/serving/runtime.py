@@ -36,12 +36,13 @@ def choose_providers(preference: str, available: list[str]) -> list[str | tuple[
 
 
 def accelerated(preference: str) -> bool:
-    """Whether sessions will ask for an accelerator first (what sizing.process_count needs to know);
-    a CUDA demand this machine cannot meet counts as not, and every model is then refused visibly."""
+    """Whether sessions will ask for an accelerator first (what sizing.process_count needs to know).
+    A CUDA demand this machine cannot meet counts too: one process then refuses every model
+    visibly, rather than several processes each refusing them."""
     try:
         wanted = choose_providers(preference, ort.get_available_providers())
     except ProviderUnavailable:
-        return False
+        return True
     return wanted[0] != CPU
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -85,3 +86,20 @@ class ChannelStats(BaseModel):
     min: float
     max: float
     mean: float
+
+
+class FeatureMapResponse(BaseModel):
+    model: str
+    layer: LayerInfo
+    shape: list[int] = Field(description="the whole layer: channels, height, width")
+    channels: list[ChannelStats]
+    values: list[list[list[float]]] | None = Field(None, description="the chosen channels' maps, with values=true")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output as the model's session declares it; -1 stands for a symbolic dimension."""
+
+    name: str
+    element_type: str  # ONNX Runtime's, e.g. "tensor(float)"
+    shape: tuple[int, ...]

@@ -3,9 +3,10 @@
 Every protocol adapter (HTTP today; gRPC and Ray Serve next) calls this and nothing below it. It
 owns what must be the same whichever protocol asked:
 
-- admission: every request that costs inference (classify, infer, feature maps, CAM) is counted
-  against its model's capacity from before its body is read until it is answered, and refused
-  with 429 and Retry-After beyond it (``Batcher.admission``);
+- admission: every request that costs inference (classify, infer, feature maps, CAM, layers) is
+  counted against its model's capacity (app/sizing.py) from before its body is read until its
+  answer is rendered, and refused with 429 and Retry-After beyond it (``Batcher.admission``); a
+  body that takes longer than a request may wait to arrive is refused with 408;
 - where images are decoded: inline for tiny images, on the model's own worker threads when
   app/sizing.py says so, else in the thread pool; never on the event loop for long;
 - the race against a client that has gone: its queued work is dropped before it runs;
@@ -15,6 +16,7 @@ owns what must be the same whichever protocol asked:
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,16 +26,29 @@ import numpy as np
 from app.config import Settings
 from app.serving import postprocess, preprocess
 from app.serving.disconnect import Gone, unless_gone
-from app.serving.errors import BadRequest, InvalidParameter, NotFound
+from app.serving.errors import BadRequest, InvalidParameter, NotFound, RequestTimeout
 from app.serving.inspect import layers, render
 from app.serving.inspect.featuremaps import FeatureMapSession
-from app.serving.loader import Model, Refusal, Tensor
+from app.serving.loader import Model, Refusal, dims
 from app.serving.repository import Repository
-from app.serving.schemas import ClassifyResponse, LayerInfo, LayerList, ModelInfo, ModelList, ServingPlan
+from app.serving.schemas import (
+    ChannelStats,
+    ClassifyResponse,
+    FeatureMapResponse,
+    LayerInfo,
+    LayerList,
+    ModelInfo,
+    ModelList,
+    ServingPlan,
+    Tensor,
+)
 
 T = TypeVar("T")
 Image = bytes | Callable[[], Awaitable[bytes]]
 """An image's bytes, or the call that reads them (so that a refused request never reads its body)."""
+Tensors = Mapping[str, np.ndarray]
+TensorSource = Tensors | Callable[[], Awaitable[Tensors]]
+"""Input tensors by name, or the call that reads and decodes them."""
 MAX_TENSOR_BATCH = 64  # most images in one tensor request
 
 
@@ -53,12 +68,24 @@ class Readiness:
 
 
 @dataclass(frozen=True)
+class FeatureMapView:
+    """How to show a layer: ``png`` (channels tiled, each scaled on its own) or ``json`` (shape and
+    per-channel statistics, the values themselves with ``values``)."""
+
+    format: str = "png"
+    colormap: str = "auto"  # auto: coolwarm for signed maps, gray otherwise
+    scale: int = 0  # nearest-neighbour upscaling; 0 picks one
+    values: bool = False
+
+
+@dataclass(frozen=True)
 class FeatureMaps:
     model: str
     layer: LayerInfo
     shape: tuple[int, ...]  # the whole layer: channels, height, width
     channels: list[int]
-    maps: np.ndarray  # the chosen channels, (len(channels), height, width)
+    body: bytes  # as the view asked: PNG, or FeatureMapResponse as JSON
+    media_type: str
 
 
 @dataclass(frozen=True)
@@ -168,7 +195,8 @@ class Service:
 
     async def layers(self, name: str) -> LayerList:
         model = self.repository.get(name)
-        session = await self._featuremap_session(model)
+        with model.batcher.admission():
+            session = await self._featuremap_session(model)
         spec = model.spec.input
         return LayerList(
             model=model.name,
@@ -186,7 +214,7 @@ class Service:
             raise InvalidParameter(f"top_k must be at most {self.settings.max_top_k}")
         model = self.repository.get(name, version)
         with model.batcher.admission():
-            data = await _bytes(image)
+            data = await self._read(image)
             work = preprocess.checked(data, model.spec.input, self.settings.max_pixels)
             if callable(work) and model.plan.decode == "pool":
                 work = await _off_loop(work)
@@ -195,12 +223,14 @@ class Service:
         return ClassifyResponse(model=model.name, predictions=predictions)
 
     async def infer(
-        self, name: str, inputs: Mapping[str, np.ndarray], *, version: str | None = None, gone: Gone | None = None
+        self, name: str, inputs: TensorSource, *, version: str | None = None, gone: Gone | None = None
     ) -> Inference:
-        """Inference on preprocessed tensors, through the same batcher and admission as images."""
+        """Inference on preprocessed tensors, through the same batcher and admission as images; a
+        request is charged one image until its tensors are read, then its batch size."""
         model = self.repository.get(name, version)
-        batch = _checked_tensor(model, inputs)
-        with model.batcher.admission(cost=min(len(batch), model.batcher.max_batch)):
+        with model.batcher.admission() as ticket:
+            batch = _checked_tensor(model, await self._read(inputs))
+            ticket.charge(min(len(batch), model.plan.capacity))
             output = await unless_gone(model.batcher.submit(batch, model.timeout), gone)
         return Inference(model.name, model.version, model.output.name, output, model.spec.labels)
 
@@ -211,18 +241,23 @@ class Service:
         *,
         layer: str | None = None,
         channels: str | None = None,
+        view: FeatureMapView = FeatureMapView(),
         gone: Gone | None = None,
     ) -> FeatureMaps:
-        """One layer's activations for the chosen channels. Decoding and inference both run in one
-        job on the model's worker threads, so a flood of big photos waits as bytes, not pixels."""
+        """One layer's activations for the chosen channels, rendered as ``view`` says. Decoding and
+        inference run in one job on the model's worker threads, so a flood of big photos waits as
+        bytes, not pixels; rendering runs in the thread pool, still under admission."""
         model = self.repository.get(name)
-        with model.batcher.admission(cost=model.batcher.max_batch):
+        with model.batcher.admission(cost=model.plan.job_cost):
             session = await self._featuremap_session(model)
             chosen = layers.pick(session, layer)
             shape = session.shapes[chosen.tensor]
             picked = layers.parse_channels(channels, shape[0], self.settings.max_feature_channels)
-            data = await _bytes(image)
-            work = preprocess.checked(data, model.spec.input, self.settings.max_pixels)
+            values = len(picked) * math.prod(shape[1:])
+            if view.format == "json" and view.values and values > self.settings.max_feature_values:
+                limit = self.settings.max_feature_values
+                raise InvalidParameter(f"{values} values asked for, the limit is {limit}; choose fewer channels")
+            work = preprocess.checked(await self._read(image), model.spec.input, self.settings.max_pixels)
 
             def run() -> np.ndarray:
                 batch = work() if callable(work) else work
@@ -231,13 +266,12 @@ class Service:
                 return picked_maps
 
             maps = await unless_gone(model.batcher.call(run, model.timeout), gone)
-        return FeatureMaps(model.name, layers.describe(chosen, session), shape, picked, maps)
-
-    async def featuremap_png(self, maps: FeatureMaps, colormap: str = "auto", scale: int = 0) -> bytes:
-        """The chosen channels tiled in a grid: coolwarm around zero for signed maps, gray otherwise."""
-        name = colormap if colormap != "auto" else ("coolwarm" if bool((maps.maps < 0).any()) else "gray")
-        upscale = scale or render.auto_upscale(*maps.maps.shape[1:])
-        return await _off_loop(lambda: render.png(render.tile(maps.maps, name, upscale, name in render.DIVERGING)))
+            info = layers.describe(chosen, session)
+            if view.format == "json":
+                body = await _off_loop(lambda: _maps_json(model.name, info, shape, picked, maps, view.values))
+                return FeatureMaps(model.name, info, shape, picked, body, "application/json")
+            png = await _off_loop(lambda: _maps_png(maps, view))
+            return FeatureMaps(model.name, info, shape, picked, png, "image/png")
 
     async def cam(
         self,
@@ -253,7 +287,7 @@ class Service:
         labels = model.spec.labels
         if class_index is not None and class_index >= len(labels):
             raise InvalidParameter(f"class_index must be below {len(labels)}")
-        with model.batcher.admission(cost=model.batcher.max_batch):
+        with model.batcher.admission(cost=model.plan.job_cost):
             session = await self._featuremap_session(model)
             head = session.analysis.cam
             if head is None:
@@ -261,8 +295,7 @@ class Service:
                     f"model {model.name!r} has no class activation map: it needs global average pooling "
                     "followed by one linear layer"
                 )
-            data = await _bytes(image)
-            opened = preprocess.open_checked(data, self.settings.max_pixels)
+            opened = preprocess.open_checked(await self._read(image), self.settings.max_pixels)
             spec = model.spec.input
 
             def run() -> tuple[Any, np.ndarray, np.ndarray]:
@@ -271,11 +304,22 @@ class Service:
                 return photo, features[0], logits[0]
 
             photo, features, logits = await unless_gone(model.batcher.call(run, model.timeout), gone)
-        chosen = int(logits.argmax()) if class_index is None else class_index
-        heat = layers.class_activation(head, features, chosen)
-        picture = await _off_loop(lambda: render.png(render.overlay(photo, heat, alpha)))
+            chosen = int(logits.argmax()) if class_index is None else class_index
+            heat = layers.class_activation(head, features, chosen)
+            picture = await _off_loop(lambda: render.png(render.overlay(photo, heat, alpha)))
         score = postprocess.probabilities(logits, model.spec.output.kind)[chosen]
         return ClassActivation(picture, chosen, labels[chosen], float(score))
+
+    async def _read(self, source: bytes | T | Callable[[], Awaitable[bytes | T]]) -> Any:
+        """What the request brings, read now that it is admitted, within the request timeout: a
+        slow upload must not hold its model's capacity for ever."""
+        if not callable(source):
+            return source
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return await source()
+        except TimeoutError:
+            raise RequestTimeout(f"the request took over {self.settings.request_timeout_s:g} s to arrive") from None
 
     async def _featuremap_session(self, model: Model) -> FeatureMapSession:
         """The model's second session, built on its worker threads the first time it is asked for."""
@@ -286,24 +330,41 @@ class Service:
         return await model.batcher.call(model.featuremaps.get, model.timeout)  # type: ignore[no-any-return]
 
 
-async def _bytes(image: Image) -> bytes:
-    return image if isinstance(image, bytes) else await image()
-
-
 async def _off_loop(work: Callable[[], T]) -> T:
     """``work()`` in the loop's default thread pool (a bounded one: min(32, CPUs + 4) threads)."""
     return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
-def _checked_tensor(model: Model, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The one input the model takes, of its shape, with a batch of 1 to MAX_TENSOR_BATCH."""
-    expected = model.input
-    if list(inputs) != [expected.name]:
-        raise BadRequest(f"model {model.name!r} takes one input named {expected.name!r}")
-    batch = inputs[expected.name]
-    shape = batch.shape
-    if len(shape) != len(expected.shape) or any(e not in (-1, s) for e, s in zip(expected.shape, shape, strict=True)):
-        raise BadRequest(f"input {expected.name!r} has shape {list(shape)}; the model takes {list(expected.shape)}")
+def _checked_tensor(model: Model, inputs: Tensors) -> np.ndarray:
+    """The one input the model takes, of the shape model.json gives it (whatever the ONNX file
+    leaves symbolic), with a batch of 1 to MAX_TENSOR_BATCH: a tensor the batcher cannot join
+    with an image's is refused here, not in a worker."""
+    name = model.input.name
+    if list(inputs) != [name]:
+        raise BadRequest(f"model {model.name!r} takes one input named {name!r}")
+    batch = inputs[name]
+    expected = [-1, *dims(model.spec.input)[1:]]
+    if len(batch.shape) != len(expected) or list(batch.shape[1:]) != expected[1:]:
+        raise BadRequest(f"input {name!r} has shape {list(batch.shape)}; the model takes {expected}")
     if not 1 <= len(batch) <= MAX_TENSOR_BATCH:
         raise BadRequest(f"batch size must be 1 to {MAX_TENSOR_BATCH}, got {len(batch)}")
     return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def _maps_png(maps: np.ndarray, view: FeatureMapView) -> bytes:
+    name = view.colormap if view.colormap != "auto" else ("coolwarm" if bool((maps < 0).any()) else "gray")
+    upscale = view.scale or render.auto_upscale(*maps.shape[1:])
+    return render.png(render.tile(maps, name, upscale, name in render.DIVERGING))
+
+
+def _maps_json(
+    model: str, layer: LayerInfo, shape: tuple[int, ...], picked: list[int], maps: np.ndarray, values: bool
+) -> bytes:
+    stats = [
+        ChannelStats(index=c, min=float(m.min()), max=float(m.max()), mean=float(m.mean()))
+        for c, m in zip(picked, maps, strict=True)
+    ]
+    body = FeatureMapResponse(
+        model=model, layer=layer, shape=list(shape), channels=stats, values=maps.tolist() if values else None
+    )
+    return body.model_dump_json().encode()

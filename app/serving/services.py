@@ -1,6 +1,6 @@
 """The one typed object every adapter is handed: settings, metrics, repository, service, lifecycle.
 
-Built once per server process by ``build`` and passed in explicitly (``create_app(settings,
+Built once per server process by ``build`` and passed in explicitly (``create_app(services=
 services)``); nothing is found by attribute name or through the environment.
 """
 

@@ -44,7 +44,8 @@ class Gate:
 
 def batcher(run, **options) -> Batcher:
     settings = {"max_batch": 8, "max_delay": 0.0, "max_queue": 32, "workers": 1, **options}
-    return Batcher("lenet5", run, metrics=Metrics(), **settings)
+    capacity = settings["max_queue"] + settings["max_batch"] * settings["workers"]  # as app/sizing.py sets it
+    return Batcher("lenet5", run, metrics=Metrics(), capacity=capacity, **settings)
 
 
 async def hold_worker(b: Batcher, gate: Gate, image: np.ndarray) -> asyncio.Future:
@@ -274,6 +275,18 @@ def test_admission_refuses_beyond_what_the_queue_and_the_workers_hold(lenet):
     assert b.admitted == 0
     with b.admission():
         assert b.admitted == 1
+
+
+def test_a_ticket_raised_past_the_capacity_keeps_its_share_and_returns_it(lenet):
+    session, _ = lenet
+    b = batcher(Gate(session), max_queue=3, max_batch=2, workers=1)
+    with b.admission(), b.admission() as ticket:
+        ticket.charge(3)
+        assert b.admitted == 4
+        with pytest.raises(Overloaded):
+            ticket.charge(5)
+        assert b.admitted == 4 and ticket.cost == 3
+    assert b.admitted == 0
 
 
 def test_a_queue_delay_gathers_requests_that_arrive_close_together(lenet):

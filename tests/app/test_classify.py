@@ -66,7 +66,7 @@ def test_fashion_mnist_through_http_matches_onnx_runtime_and_the_recorded_accura
     """PNG-encoded test images, served, give the same classes as the file run directly in ONNX
     Runtime, and an accuracy consistent with the one model.json records for all 10,000."""
     if name not in client.app.state.services.repository.models:
-        pytest.fail(f"{name} is not served: {client.app.state.services.repository.failed.get(name)}")
+        pytest.fail(f"{name} is not served: {client.app.state.services.repository.refused.get(name)}")
     test = load_split("test")
     chosen = np.random.default_rng(7).choice(len(test.labels), 400, replace=False)
     session = ort.InferenceSession(str(MODELS / name / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -227,3 +227,48 @@ def test_the_app_answers_probes_while_models_load(tmp_path):
     with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code in (200, 503)
+
+
+def test_a_client_that_hangs_up_mid_upload_is_499_not_a_server_error(photos):
+    with running_client(Settings(models_dir=MODELS, default_model="lenet5")) as client:
+        app = client.app
+
+        async def hang_up_while_sending() -> list[dict]:
+            async def receive():
+                return {"type": "http.disconnect"}
+
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/classify",
+                "raw_path": b"/classify",
+                "query_string": b"",
+                "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000"), (b"host", b"test")],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 80),
+                "root_path": "",
+                "state": {},
+            }
+            await app(scope, receive, send)
+            return sent
+
+        sent = client.portal.call(hang_up_while_sending)
+        assert sent[0]["status"] == 499
+        assert client.get("/healthz").status_code == 200
+
+
+def test_the_app_takes_settings_or_services_built_from_them_not_both(repo_copy):
+    from app.serving import services as wiring
+
+    services = wiring.build(Settings(models_dir=repo_copy))
+    with pytest.raises(ValueError, match="not both"):
+        create_app(Settings(models_dir=repo_copy), services=services)
+    assert create_app(services=services).state.services is services

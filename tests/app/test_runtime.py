@@ -91,8 +91,9 @@ def test_with_an_accelerator_one_process_owns_it():
     assert process_count(Settings(), accelerated=True) == 1
 
 
-def test_demanded_cuda_it_cannot_have_is_not_an_accelerator():
-    assert not accelerated("cuda")
+def test_demanded_cuda_it_cannot_have_starts_one_process_that_refuses_the_models():
+    assert accelerated("cuda")  # on this CPU machine: one process, whose models are all refused
+    assert process_count(Settings(providers="cuda"), accelerated("cuda")) == 1
     assert not accelerated("cpu")
 
 

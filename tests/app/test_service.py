@@ -10,7 +10,7 @@ import pytest
 
 from app.config import Settings
 from app.serving import services as wiring
-from app.serving.errors import ClientGone, NotFound, Overloaded, Unavailable
+from app.serving.errors import ClientGone, NotFound, Overloaded, RequestTimeout, Unavailable
 from app.serving.services import Services
 
 from ..conftest import MODELS, png_bytes
@@ -108,7 +108,7 @@ def test_feature_maps_are_refused_at_the_door_when_the_model_is_full(core, photo
     refused, maps = asyncio.run(scenario())
     assert isinstance(refused, Overloaded) and refused.status == 429
     assert int(refused.headers["Retry-After"]) >= 1
-    assert maps.maps.shape[0] == len(maps.channels)
+    assert maps.media_type == "image/png" and maps.body.startswith(b"\x89PNG")
 
 
 def test_tensor_inference_shares_the_admission_of_images(core):
@@ -161,3 +161,17 @@ def test_a_feature_map_whose_client_has_gone_is_never_computed(core, photos):
 def test_a_layer_the_model_lacks_is_not_found_before_any_work(core, photos):
     with pytest.raises(NotFound, match="unknown layer"):
         asyncio.run(core.service.featuremaps("lenet5", lenet_png(photos), layer="no.such.layer"))
+
+
+def test_an_upload_slower_than_a_request_may_wait_is_408_and_frees_its_place(repo_copy):
+    services = wiring.build(Settings(models_dir=repo_copy, default_model="lenet5", request_timeout_s=0.2))
+    services.repository.load_all()
+    batcher = services.repository.get("lenet5").batcher
+
+    async def trickle() -> bytes:
+        await asyncio.sleep(5)
+        return b""
+
+    with pytest.raises(RequestTimeout) as slow:
+        asyncio.run(services.service.classify("lenet5", trickle, top_k=1))
+    assert slow.value.status == 408 and batcher.admitted == 0

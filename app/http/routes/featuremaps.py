@@ -9,11 +9,9 @@ from fastapi import APIRouter, Query, Request, Response
 from app.http.deps import IMAGE_BODY, ModelName, ModelPath, services
 from app.http.inputs import disconnect, image_reader
 from app.http.routes.classify import ERRORS
-from app.http.schemas import FeatureMapResponse
-from app.serving.errors import InvalidParameter
 from app.serving.inspect import render
-from app.serving.schemas import ChannelStats, LayerList
-from app.serving.service import FeatureMaps
+from app.serving.schemas import LayerList
+from app.serving.service import FeatureMapView
 
 router = APIRouter(tags=["feature maps"])
 CHANNELS_PATTERN = r"^\d+(-\d+)?(,\d+(-\d+)?)*$"
@@ -55,36 +53,19 @@ async def featuremaps(
     scale: Annotated[int, Query(ge=0, le=render.MAX_UPSCALE, description="upscaling factor; 0 picks one")] = 0,
     values: Annotated[bool, Query(description="json: include the maps' values")] = False,
 ) -> Response:
-    service = services(request).service
-    image = image_reader(request)
-    maps = await service.featuremaps(model, image, layer=layer, channels=channels, gone=disconnect(request))
-    if format == "json":
-        return json_maps(maps, values, services(request).settings.max_feature_values)
+    view = FeatureMapView(format=format, colormap=colormap, scale=scale, values=values)
+    maps = await services(request).service.featuremaps(
+        model, image_reader(request), layer=layer, channels=channels, view=view, gone=disconnect(request)
+    )
+    if maps.media_type == "application/json":
+        return Response(maps.body, media_type=maps.media_type)
+    listed = maps.channels if len(maps.channels) <= MAX_LISTED_CHANNELS else []
     headers = {
         "X-Layer": maps.layer.name,
         "X-Shape": ",".join(map(str, maps.shape)),
-        "X-Channels": ",".join(map(str, maps.channels))
-        if len(maps.channels) <= MAX_LISTED_CHANNELS
-        else f"{maps.channels[0]}-{maps.channels[-1]}",
+        "X-Channels": ",".join(map(str, listed)) if listed else f"{maps.channels[0]}-{maps.channels[-1]}",
     }
-    return Response(await service.featuremap_png(maps, colormap, scale), media_type="image/png", headers=headers)
-
-
-def json_maps(maps: FeatureMaps, values: bool, limit: int) -> Response:
-    if values and maps.maps.size > limit:
-        raise InvalidParameter(f"{maps.maps.size} values asked for, the limit is {limit}; choose fewer channels")
-    stats = [
-        ChannelStats(index=c, min=float(m.min()), max=float(m.max()), mean=float(m.mean()))
-        for c, m in zip(maps.channels, maps.maps, strict=True)
-    ]
-    body = FeatureMapResponse(
-        model=maps.model,
-        layer=maps.layer,
-        shape=list(maps.shape),
-        channels=stats,
-        values=maps.maps.tolist() if values else None,
-    )
-    return Response(body.model_dump_json(), media_type="application/json")
+    return Response(maps.body, media_type=maps.media_type, headers=headers)
 
 
 @router.post(

@@ -19,4 +19,6 @@ async def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-static_files = StaticFiles(directory=STATIC)
+def static_files() -> StaticFiles:
+    """The page's scripts and styles, mounted at /static by the app factory."""
+    return StaticFiles(directory=STATIC)

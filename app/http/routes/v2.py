@@ -5,22 +5,25 @@ the same admission and batcher) as /classify."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.http import v2_codec
 from app.http.deps import ModelPath, services
-from app.http.inputs import disconnect
+from app.http.inputs import disconnect, read_body
 from app.serving import postprocess
 from app.serving.errors import BadRequest
-from app.serving.loader import Tensor
-from app.serving.service import Inference, Signature
+from app.serving.schemas import Tensor
+from app.serving.service import Inference, Signature, Tensors
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 EXTENSIONS = ["classification", "binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"
+INLINE_BODY_BYTES = 64 * 1024  # parsing more than this would hold the event loop over a millisecond
 
 
 def describe(tensor: Tensor) -> dict[str, Any]:
@@ -91,10 +94,18 @@ async def model_ready(request: Request, name: ModelPath, version: str | None = N
 async def infer(request: Request, name: ModelPath, version: str | None = None) -> Response:
     service = services(request).service
     service.model_ready(name, version)
-    parsed, binary = v2_codec.parse_request(await request.body(), request.headers.get(v2_codec.HEADER_LENGTH))
-    inputs = v2_codec.input_tensors(parsed, binary)
-    result = await service.infer(name, inputs, version=version, gone=disconnect(request))
-    body, headers, media_type = respond(result, parsed)
+    parsed: list[v2_codec.InferRequest] = []
+
+    async def tensors() -> Tensors:
+        """Read once admitted; a big body (JSON numbers, mostly) is parsed off the event loop."""
+        body, header_length = await read_body(request), request.headers.get(v2_codec.HEADER_LENGTH)
+        decode = partial(v2_codec.decode, body, header_length)
+        request_, inputs = decode() if len(body) <= INLINE_BODY_BYTES else await run_in_threadpool(decode)
+        parsed.append(request_)
+        return inputs
+
+    result = await service.infer(name, tensors, version=version, gone=disconnect(request))
+    body, headers, media_type = respond(result, parsed[0])
     return Response(body, media_type=media_type, headers=headers)
 
 

@@ -111,21 +111,7 @@ def test_a_client_that_hangs_up_costs_no_inference(photos):
             async def send(message):
                 sent.append(message)
 
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/classify",
-                "raw_path": b"/classify",
-                "query_string": b"",
-                "headers": [(b"content-type", b"image/png"), (b"host", b"test")],
-                "client": ("127.0.0.1", 1),
-                "server": ("127.0.0.1", 80),
-                "root_path": "",
-                "state": {},
-            }
+            scope = asgi_post("/classify", [])
             request = asyncio.ensure_future(app(scope, receive, send))
             await asyncio.sleep(0.3)
             gone.set()
@@ -138,6 +124,25 @@ def test_a_client_that_hangs_up_costs_no_inference(photos):
         assert sent[0]["status"] == 499
         assert ran == [1]  # only the first request ran; the abandoned one was dropped from the queue
         assert dropped(client, "client gone") == 1
+
+
+def asgi_post(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    """The scope of a POST of a PNG, for tests that drive the ASGI app by hand."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "root_path": "",
+        "state": {},
+    }
 
 
 def external_data_model(folder, location: str) -> None:
@@ -242,21 +247,7 @@ def test_a_client_that_hangs_up_mid_upload_is_499_not_a_server_error(photos):
             async def send(message):
                 sent.append(message)
 
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/classify",
-                "raw_path": b"/classify",
-                "query_string": b"",
-                "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000"), (b"host", b"test")],
-                "client": ("127.0.0.1", 1),
-                "server": ("127.0.0.1", 80),
-                "root_path": "",
-                "state": {},
-            }
+            scope = asgi_post("/classify", [(b"content-length", b"1000")])
             await app(scope, receive, send)
             return sent
 

@@ -86,41 +86,16 @@ def test_readiness_follows_loading_and_draining(repo_copy):
     assert not readiness.ready and readiness.status.startswith("draining")
 
 
-def test_feature_maps_are_refused_at_the_door_when_the_model_is_full(core, photos):
-    """A feature-map job takes a whole batch's turn, so it costs max_batch of the capacity:
-    max_queue 4 + max_batch 8 x 1 worker = 12, room for one job while the worker is held."""
-    image = lenet_png(photos)
-
-    async def scenario() -> list[object]:
-        hold, blocker = held(core, "lenet5")
-        first = asyncio.ensure_future(core.service.featuremaps("lenet5", image))
-        await asyncio.sleep(0.05)
-        try:
-            await core.service.featuremaps("lenet5", image)
-        except Overloaded as error:
-            refused: object = error
-        else:
-            refused = None
-        hold.set()
-        await blocker
-        return [refused, await first]
-
-    refused, maps = asyncio.run(scenario())
-    assert isinstance(refused, Overloaded) and refused.status == 429
-    assert int(refused.headers["Retry-After"]) >= 1
-    assert maps.media_type == "image/png" and maps.body.startswith(b"\x89PNG")
-
-
-def test_tensor_inference_shares_the_admission_of_images(core):
-    """Eight images cost eight of the twelve: a second such request is refused while the first waits."""
-    batch = np.zeros((8, 1, 28, 28), np.float32)
+def second_while_first_waits(core: Services, call) -> tuple[object, object]:
+    """With the model's worker held: the first ``call()`` queued, then a second one's outcome
+    (the error it raised, or None), then, once the worker is free, the first one's answer."""
 
     async def scenario() -> tuple[object, object]:
         hold, blocker = held(core, "lenet5")
-        first = asyncio.ensure_future(core.service.infer("lenet5", {"input": batch}))
+        first = asyncio.ensure_future(call())
         await asyncio.sleep(0.05)
         try:
-            await core.service.infer("lenet5", {"input": batch})
+            await call()
         except Overloaded as error:
             refused: object = error
         else:
@@ -129,7 +104,23 @@ def test_tensor_inference_shares_the_admission_of_images(core):
         await blocker
         return refused, await first
 
-    refused, done = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_feature_maps_are_refused_at_the_door_when_the_model_is_full(core, photos):
+    """A feature-map job takes a whole batch's turn, so it costs max_batch of the capacity:
+    max_queue 4 + max_batch 8 x 1 worker = 12, room for one job while the worker is held."""
+    image = lenet_png(photos)
+    refused, maps = second_while_first_waits(core, lambda: core.service.featuremaps("lenet5", image))
+    assert isinstance(refused, Overloaded) and refused.status == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert maps.media_type == "image/png" and maps.body.startswith(b"\x89PNG")
+
+
+def test_tensor_inference_shares_the_admission_of_images(core):
+    """Eight images cost eight of the twelve: a second such request is refused while the first waits."""
+    batch = np.zeros((8, 1, 28, 28), np.float32)
+    refused, done = second_while_first_waits(core, lambda: core.service.infer("lenet5", {"input": batch}))
     assert isinstance(refused, Overloaded)
     assert done.values.shape == (8, 10)
 

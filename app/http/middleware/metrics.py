@@ -21,17 +21,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.serving.services import Services
 
 
-def takes_model(route: BaseRoute | None) -> bool:
-    """Whether the route has a ``model`` query parameter (and so serves the default model without one)."""
-    dependant = getattr(route, "dependant", None)
-    return dependant is not None and any(param.alias == "model" for param in dependant.query_params)
+def takes_model(route: BaseRoute | None, known: dict[int, bool]) -> bool:
+    """Whether the route has a ``model`` query parameter (and so serves the default model without
+    one); asked once per route."""
+    key = id(route)
+    if key not in known:
+        dependant = getattr(route, "dependant", None)
+        known[key] = dependant is not None and any(param.alias == "model" for param in dependant.query_params)
+    return known[key]
 
 
-def model_label(scope: Scope, services: Services) -> str:
+def model_label(scope: Scope, services: Services, known: dict[int, bool]) -> str:
     name = scope.get("path_params", {}).get("name")
     if name is None:
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        name = query.get("model") or (services.settings.default_model if takes_model(scope.get("route")) else None)
+        query: bytes = scope.get("query_string", b"")
+        if b"model=" in query:
+            name = dict(parse_qsl(query.decode("latin-1"))).get("model")
+        if not name and takes_model(scope.get("route"), known):
+            name = services.settings.default_model
     return name if name in services.repository.models else ""
 
 
@@ -40,6 +47,7 @@ class RequestMetrics:
         self.app = app
         self.services = services
         self.metrics = services.metrics
+        self.routes_taking_a_model: dict[int, bool] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,7 +61,7 @@ class RequestMetrics:
             nonlocal counted
             counted = True
             endpoint = getattr(scope.get("route"), "path", "unmatched")
-            model = model_label(scope, self.services)
+            model = model_label(scope, self.services, self.routes_taking_a_model)
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
             self.metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)
 

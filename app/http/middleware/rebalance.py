@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import Counter
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def has_body(scope: Scope) -> bool:
-    headers = Headers(scope=scope)
-    return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
+    for name, value in scope["headers"]:  # raw, lower-case names: no Headers object on every request
+        if name == b"transfer-encoding" or (name == b"content-length" and value not in (b"", b"0")):
+            return True
+    return False
 
 
 class Rebalance:

@@ -64,6 +64,7 @@ class Plan:
     decode: Decode  # where images over INLINE_PIXELS are decoded
     capacity: int  # images admitted at once: what the queue holds plus what the workers run
     job_cost: int  # a feature map or CAM runs alone, taking a whole batch's turn on a worker
+    warm_batches: tuple[int, ...]  # batch sizes run once at load, before the model is served
 
     def describe(self) -> str:
         return (
@@ -87,20 +88,39 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
     A one-thread worker on the CPU also decodes its requests' images: one busy thread per core and
     no hop (measured: 7 to 12% more small JPEGs). Multi-thread workers would idle their other
     threads meanwhile, and an accelerator needs many cores decoding to keep it fed, so those leave
-    decoding to the thread pool."""
+    decoding to the thread pool.
+
+    On an accelerator, batches fill the device, not threads: one worker (measured on an H200 with
+    EfficientNet-Lite0, whose 1.3 ms warm-up made it "slow": 16 workers on one CUDA session served
+    10 small JPEGs a second at 8 at once), one ONNX Runtime CPU thread (its pool spins, taking the
+    cores that decode), and every batch size the batcher makes run once at load, so that cuDNN's
+    algorithm search for each shape happens before readiness, not in a client's request."""
     cpus = cpu_share(processes)
+    if not on_cpu:
+        workers = settings.inference_workers or 1
+        threads = settings.intra_op_threads or 1
+        return Plan(
+            processes=processes,
+            cpus=cpus,
+            threads=threads,
+            workers=workers,
+            decode="pool",
+            capacity=settings.max_queue + settings.max_batch_size * workers,
+            job_cost=settings.max_batch_size,
+            warm_batches=tuple(range(1, settings.max_batch_size + 1)),
+        )
     if seconds_per_image < FAST_MODEL_SECONDS:
         workers = settings.inference_workers or 1
     else:
         workers = settings.inference_workers or max(1, cpus // (settings.intra_op_threads or 1))
     threads = settings.intra_op_threads or max(1, cpus // workers)
-    decode: Decode = "worker" if threads == 1 and on_cpu else "pool"
     return Plan(
         processes=processes,
         cpus=cpus,
         threads=threads,
         workers=workers,
-        decode=decode,
+        decode="worker" if threads == 1 else "pool",
         capacity=settings.max_queue + settings.max_batch_size * workers,
         job_cost=settings.max_batch_size,
+        warm_batches=(1,),
     )

@@ -69,8 +69,11 @@ async def check_reference(services: Services) -> dict[str, Any]:
         served = (await services.service.classify(MODEL, photos[name].read_bytes(), 5)).predictions
         same &= [p.index for p in served] == [p["index"] for p in expected]
         worst = max(worst, *(abs(p.score - e["score"]) for p, e in zip(served, expected, strict=True)))
-    print(f"top-5 equal to the PyTorch reference on {len(reference)} photos: {same}; largest score gap {worst:.2g}")
-    return {"photos": len(reference), "top5_equal": same, "max_score_gap": worst, "within_tolerance": worst < TOLERANCE}
+    print(
+        f"top-5 equal to the PyTorch reference on {len(reference)} photos: {same}; largest score gap {worst:.2g} "
+        f"(the CPU suite allows {TOLERANCE:g})"
+    )
+    return {"photos": len(reference), "top5_equal": same, "max_score_gap": worst}
 
 
 async def served_rate(services: Services, image: bytes, concurrency: int, seconds: float) -> float:

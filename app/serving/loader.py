@@ -91,7 +91,8 @@ def load(folder: Path, settings: Settings, metrics: Metrics, processes: int) -> 
     plan = sizing.plan(settings, processes, warm_up(spec, session), providers[0] == CPU)
     if plan.threads != guess:
         session = open_session(source, settings.providers, plan.threads)
-        warm_up(spec, session)
+    for size in plan.warm_batches:
+        warm_up(spec, session, size)
     batcher = Batcher(
         spec.name,
         runner(session, spec),
@@ -238,17 +239,18 @@ def open_session(source: bytes | str, preference: str, threads: int) -> ort.Infe
         raise ModelRefused(f"ONNX Runtime cannot load model.onnx: {error}") from error
 
 
-def warm_up(spec: ModelSpec, session: ort.InferenceSession) -> float:
-    """Real runs, which also prove the output has one score per label; returns the seconds the
-    second run took (the first pays for allocations)."""
+def warm_up(spec: ModelSpec, session: ort.InferenceSession, size: int = 1) -> float:
+    """Two real runs of a batch of ``size``, which also prove the output has one score per label;
+    returns the seconds per image the second run took (the first pays for allocations and, on
+    CUDA, for the algorithm search of this shape)."""
     run = runner(session, spec)
-    batch = np.zeros(dims(spec.input), np.float32)
+    batch = np.zeros(dims(spec.input, size), np.float32)
     try:
         out = run(batch)
         started = time.perf_counter()
         run(batch)
     except Exception as error:
         raise ModelRefused(f"a test inference failed: {error}") from error
-    if out.shape != (1, len(spec.labels)):
+    if out.shape != (size, len(spec.labels)):
         raise ModelRefused(f"output shape {list(out.shape)} does not fit {len(spec.labels)} labels")
-    return time.perf_counter() - started
+    return (time.perf_counter() - started) / size

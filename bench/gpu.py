@@ -90,19 +90,37 @@ async def served_rate(services: Services, image: bytes, concurrency: int, second
     return done / (time.perf_counter() - started)
 
 
-def bare_rate(tensor: np.ndarray, batch: int, seconds: float) -> float:
-    """Images/s of the model alone on the GPU: the limit."""
+def bare_rate(tensor: np.ndarray, batches: tuple[int, ...], seconds: float, search: str = "") -> float:
+    """Images/s of the model alone on the GPU, running batches of the given sizes in turn: the
+    limit at one size, or what changing shapes (as a dynamic batcher makes) cost ONNX Runtime and
+    cuDNN, with the service's convolution algorithm search or another one."""
+    options = {**CUDA_OPTIONS, **({"cudnn_conv_algo_search": search} if search else {})}
     session = ort.InferenceSession(
-        str(MODELS / MODEL / "model.onnx"), providers=[(CUDA, CUDA_OPTIONS), "CPUExecutionProvider"]
+        str(MODELS / MODEL / "model.onnx"), providers=[(CUDA, options), "CPUExecutionProvider"]
     )
-    feed = {session.get_inputs()[0].name: np.repeat(tensor, batch, axis=0)}
-    for _ in range(20):
-        session.run(None, feed)
-    runs, started = 0, time.perf_counter()
+    name = session.get_inputs()[0].name
+    feeds = [{name: np.repeat(tensor, batch, axis=0)} for batch in batches]
+    for _ in range(3):
+        for feed in feeds:
+            session.run(None, feed)
+    images, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        session.run(None, feed)
-        runs += 1
-    return runs * batch / (time.perf_counter() - started)
+        for feed, batch in zip(feeds, batches, strict=True):
+            session.run(None, feed)
+            images += batch
+    return images / (time.perf_counter() - started)
+
+
+def batcher_sums(services: Services) -> dict[str, float]:
+    """The batcher's own counts for the model so far: batches, images, seconds in ORT and queued."""
+    value = services.metrics.registry.get_sample_value
+    labels = {"model": MODEL}
+    return {
+        "batches": value("cnnserve_batch_size_count", labels) or 0.0,
+        "images": value("cnnserve_batch_size_sum", labels) or 0.0,
+        "inference": value("cnnserve_inference_duration_seconds_sum", labels) or 0.0,
+        "queued": value("cnnserve_queue_duration_seconds_sum", labels) or 0.0,
+    }
 
 
 def small_jpeg() -> bytes:
@@ -119,16 +137,29 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     figures["reference"] = await check_reference(services)
     image = small_jpeg()
     spec = services.repository.get(MODEL).spec.input
-    limit = {batch: bare_rate(prepare(image, spec, 10**8), batch, args.seconds) for batch in (1, 8)}
+    tensor = prepare(image, spec, 10**8)
+    limit = {batch: bare_rate(tensor, (batch,), args.seconds) for batch in (1, 8)}
+    mixed = tuple(range(1, 9))
     figures["bare_images_per_s"] = limit
+    figures["bare_mixed_images_per_s"] = {
+        search or CUDA_OPTIONS["cudnn_conv_algo_search"]: bare_rate(tensor, mixed, args.seconds, search)
+        for search in ("", "HEURISTIC")
+    }
     figures["served_images_per_s"] = {}
     print(f"bare ONNX Runtime on the GPU: batch 1 {limit[1]:.0f} images/s, batch 8 {limit[8]:.0f} images/s")
+    for search, rate in figures["bare_mixed_images_per_s"].items():
+        print(f"bare ONNX Runtime, batches of 1 to 8 in turn, {search} convolution search: {rate:.0f} images/s")
     for concurrency in (1, 8, 32):
+        before = batcher_sums(services)
         rate = await served_rate(services, image, concurrency, args.seconds)
+        spent = {key: value - before[key] for key, value in batcher_sums(services).items()}
         figures["served_images_per_s"][concurrency] = rate
+        batches = max(spent["batches"], 1)
         print(
             f"data plane, small JPEG (451x300), {concurrency:2} at once: {rate:6.0f} images/s, "
-            f"x{rate / limit[1]:.2f} of bare batch 1, x{rate / limit[8]:.2f} of bare batch 8"
+            f"x{rate / limit[1]:.2f} of bare batch 1, x{rate / limit[8]:.2f} of bare batch 8; "
+            f"{spent['images'] / batches:.1f} images a batch, {spent['inference'] / batches * 1000:.2f} ms in "
+            f"ONNX Runtime and {spent['queued'] / max(spent['images'], 1) * 1000:.2f} ms queued per image"
         )
     await services.repository.close()
     return figures

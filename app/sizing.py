@@ -65,6 +65,7 @@ class Plan:
     capacity: int  # images admitted at once: what the queue holds plus what the workers run
     job_cost: int  # a feature map or CAM runs alone, taking a whole batch's turn on a worker
     warm_batches: tuple[int, ...]  # batch sizes run once at load, before the model is served
+    pad_to: int | None  # every batch run at exactly this size (on an accelerator), or as it comes
 
     def describe(self) -> str:
         return (
@@ -90,11 +91,12 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
     threads meanwhile, and an accelerator needs many cores decoding to keep it fed, so those leave
     decoding to the thread pool.
 
-    On an accelerator, batches fill the device, not threads: one worker (measured on an H200 with
-    EfficientNet-Lite0, whose 1.3 ms warm-up made it "slow": 16 workers on one CUDA session served
-    10 small JPEGs a second at 8 at once), one ONNX Runtime CPU thread (its pool spins, taking the
-    cores that decode), and every batch size the batcher makes run once at load, so that cuDNN's
-    algorithm search for each shape happens before readiness, not in a client's request."""
+    On an accelerator, batches fill the device, not threads: one worker, one ONNX Runtime CPU
+    thread (its pool spins, taking the cores that decode), and every batch run at one size, the
+    largest, warmed at load: on CUDA a session whose input shape changes between runs pays
+    cuDNN's set-up again each time (measured on an H200 with EfficientNet-Lite0: batches of 1 to 8
+    in turn ran 7 images a second in bare ONNX Runtime, 29 with the heuristic algorithm search;
+    a fixed batch of 8 ran 4,793, a fixed batch of 1 948)."""
     cpus = cpu_share(processes)
     if not on_cpu:
         workers = settings.inference_workers or 1
@@ -107,7 +109,8 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
             decode="pool",
             capacity=settings.max_queue + settings.max_batch_size * workers,
             job_cost=settings.max_batch_size,
-            warm_batches=tuple(range(1, settings.max_batch_size + 1)),
+            warm_batches=(settings.max_batch_size,),
+            pad_to=settings.max_batch_size,
         )
     if seconds_per_image < FAST_MODEL_SECONDS:
         workers = settings.inference_workers or 1
@@ -123,4 +126,5 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
         capacity=settings.max_queue + settings.max_batch_size * workers,
         job_cost=settings.max_batch_size,
         warm_batches=(1,),
+        pad_to=None,
     )

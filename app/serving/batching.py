@@ -122,6 +122,7 @@ class Batcher:
         workers: int,
         capacity: int,
         metrics: Metrics,
+        pad_to: int | None = None,
     ) -> None:
         self.name = name
         self.run = run
@@ -130,6 +131,7 @@ class Batcher:
         self.max_queue = max_queue
         self.workers = workers
         self.capacity = capacity  # images admitted at once: app/sizing.py decides
+        self.pad_to = pad_to  # run every batch at this size (zeros fill it; larger ones in chunks)
         self.metrics = metrics
         self.observe_queue = metrics.queue_seconds.labels(name).observe
         self.set_depth = metrics.queue_depth.labels(name).set
@@ -277,7 +279,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             batch = np.concatenate([images for _, images in live]) if len(live) > 1 else live[0][1]
-            output = self.run(batch)
+            output = self._infer(batch)
         except Exception as error:  # each waiting request gets the model's failure
             for pending, _ in live:
                 _post(pending.loop, _settle, pending.future, None, error)
@@ -287,6 +289,23 @@ class Batcher:
         self.observe_inference(elapsed)
         self.observe_batch(len(batch))
         _post(live[0][0].loop, self._hand_back, live, output)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        """The model's rows for ``batch``; with ``pad_to``, from runs of exactly that many images,
+        because on CUDA a session whose input shape changes between runs pays cuDNN's set-up again
+        (measured on an H200: EfficientNet-Lite0 at batches of 1 to 8 in turn ran 7 images a
+        second, against 4,793 at a fixed batch of 8 and 948 at a fixed batch of 1)."""
+        size = self.pad_to
+        if size is None:
+            return self.run(batch)
+        rows = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start : start + size]
+            real = len(chunk)
+            if real < size:
+                chunk = np.concatenate([chunk, np.zeros((size - real, *chunk.shape[1:]), chunk.dtype)])
+            rows.append(self.run(chunk)[:real])
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
     @staticmethod
     def _hand_back(live: list[tuple[Pending, np.ndarray]], output: np.ndarray) -> None:

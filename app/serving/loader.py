@@ -102,6 +102,7 @@ def load(folder: Path, settings: Settings, metrics: Metrics, processes: int) -> 
         workers=plan.workers,
         capacity=plan.capacity,
         metrics=metrics,
+        pad_to=plan.pad_to,
     )
     analysis, featuremaps = None, None
     if settings.featuremaps:

@@ -69,10 +69,11 @@ def test_served_models_got_workers_by_their_measured_speed(client):
     assert models["efficientnet_lite0"].batcher.workers == available_cpus()
 
 
-def test_on_an_accelerator_one_worker_fills_batches_and_every_batch_size_is_warmed_at_load():
+def test_on_an_accelerator_one_worker_runs_every_batch_at_one_size_warmed_at_load():
     chosen = plan(Settings(), processes=1, seconds_per_image=0.003, on_cpu=False)
     assert (chosen.workers, chosen.threads, chosen.decode) == (1, 1, "pool")
-    assert chosen.warm_batches == tuple(range(1, 9))
+    assert chosen.pad_to == 8 and chosen.warm_batches == (8,)
+    assert plan(Settings(), processes=1, seconds_per_image=0.003, on_cpu=True).pad_to is None
 
 
 def test_models_show_what_sizing_gave_them(client):

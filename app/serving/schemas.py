@@ -29,6 +29,8 @@ class ServingPlan(BaseModel):
     threads: int = Field(description="ONNX Runtime intra-op threads per inference")
     workers: int = Field(description="batches run at once")
     decode: Literal["worker", "pool"] = Field(description="where images over 64x64 are decoded")
+    capacity: int = Field(description="images admitted at once; beyond them 429")
+    padded_batch: int | None = Field(description="every batch run at this size (on an accelerator)")
     max_batch_size: int
     max_queue: int
 

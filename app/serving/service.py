@@ -176,6 +176,8 @@ class Service:
                 threads=plan.threads,
                 workers=plan.workers,
                 decode=plan.decode,
+                capacity=plan.capacity,
+                padded_batch=plan.pad_to,
                 max_batch_size=self.settings.max_batch_size,
                 max_queue=self.settings.max_queue,
             ),

@@ -84,6 +84,8 @@ def test_models_show_what_sizing_gave_them(client):
         "threads": 1,
         "workers": available_cpus(),
         "decode": "worker",
+        "capacity": 32 + 8 * available_cpus(),
+        "padded_batch": None,
         "max_batch_size": 8,
         "max_queue": 32,
     }

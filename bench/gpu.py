@@ -27,22 +27,12 @@ from app.serving import services as wiring
 from app.serving.preprocess import prepare
 from app.serving.runtime import CUDA, CUDA_OPTIONS
 from app.serving.services import Services
+from training.photos import sample_photos
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 MODEL = "efficientnet_lite0"
 TOLERANCE = 2e-4  # the CPU suite's: ONNX Runtime against PyTorch, and the box resize against torchvision's
-
-
-def sample_photos() -> dict[str, Path]:
-    import matplotlib
-    import skimage.data
-
-    folder = Path(skimage.data.__file__).parent
-    photos = {name: folder / f"{name}.png" for name in ("chelsea", "coffee", "astronaut")}
-    photos["rocket"] = folder / "rocket.jpg"
-    photos["grace_hopper"] = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    return photos
 
 
 def loaded(settings: Settings) -> Services:

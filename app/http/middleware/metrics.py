@@ -12,13 +12,15 @@ repository serves become labels, so a client cannot grow the label set.
 
 from __future__ import annotations
 
+import re
 import time
-from urllib.parse import parse_qsl
 
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serving.services import Services
+
+MODEL_QUERY = re.compile(rb"(?:^|&)model=([^&]*)")  # a served name needs no percent-encoding
 
 
 def takes_model(route: BaseRoute | None, known: dict[int, bool]) -> bool:
@@ -34,9 +36,8 @@ def takes_model(route: BaseRoute | None, known: dict[int, bool]) -> bool:
 def model_label(scope: Scope, services: Services, known: dict[int, bool]) -> str:
     name = scope.get("path_params", {}).get("name")
     if name is None:
-        query: bytes = scope.get("query_string", b"")
-        if b"model=" in query:
-            name = dict(parse_qsl(query.decode("latin-1"))).get("model")
+        found = MODEL_QUERY.search(scope.get("query_string", b""))
+        name = found.group(1).decode("latin-1") if found else None
         if not name and takes_model(scope.get("route"), known):
             name = services.settings.default_model
     return name if name in services.repository.models else ""

@@ -259,17 +259,16 @@ class Batcher:
         return live
 
     def _decoded(self, live: list[Pending]) -> list[tuple[Pending, np.ndarray]]:
-        """Runs the decoders among ``live``; a request whose image is refused gets that error alone.
-        Returns each remaining request with its images."""
+        """Each request of ``live`` with its images, decoded here where it brought the call that
+        decodes them; a request whose image is refused gets that error alone."""
         decoded = []
         for pending in live:
-            if callable(pending.work):
-                try:
-                    pending.work = pending.work()
-                except Exception as error:
-                    _post(pending.loop, _settle, pending.future, None, error)
-                    continue
-            decoded.append((pending, pending.work))
+            try:
+                images = pending.work() if callable(pending.work) else pending.work
+            except Exception as error:
+                _post(pending.loop, _settle, pending.future, None, error)
+                continue
+            decoded.append((pending, images))
         return decoded
 
     def _run(self, taken: list[Pending]) -> None:

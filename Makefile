@@ -7,7 +7,7 @@ PORT ?= 8000
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 TRAINED := lenet5 alexnet googlenet resnet
 
-.PHONY: help serve test lint format install install-dev dataset tools models train export schema bench soak overload clean
+.PHONY: help serve test lint format install install-dev dataset tools models train export schema bench bench-gpu soak overload clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,10 +47,13 @@ lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-bench: $(VENV)/.dev dataset tools  ## throughput against bare ONNX Runtime, the no-server ceiling and a plain FastAPI peer (about 4 min)
+bench: $(VENV)/.dev dataset tools  ## three deployments (serve; 1 process on 1 core; 1 on all cores) against a FastAPI peer and bare ONNX Runtime, and the goals met or missed (about 8 min)
 	$(BIN)/python -m bench.run
 
-soak: $(VENV)/.dev dataset  ## 50,000 mixed requests; resident-memory growth (about 3 min)
+bench-gpu: $(VENV)/.dev  ## on an NVIDIA GPU with onnxruntime-gpu: every model on CUDA, answers equal to the CPU's, the data plane at 1/8/32 at once (a few min)
+	$(BIN)/python -m bench.gpu --out bench/results/gpu.json
+
+soak: $(VENV)/.dev dataset  ## 50,000 mixed requests; resident-memory growth over the last 20,000 (about 3 min)
 	$(BIN)/python -m bench.stress soak --out bench/results/soak.json
 
 overload: $(VENV)/.dev dataset  ## 64 clients sending 12-megapixel photos for 30 s

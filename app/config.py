@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=1, description="requests waiting per model before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a queued request older than this is dropped (503)")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a request's whole body may take to arrive, from its start (408, then closed)"
+    )
     max_pixels: int = Field(50_000_000, gt=0, description="largest image, width x height, decoded (413 above)")
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
     featuremaps: bool = Field(

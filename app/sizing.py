@@ -19,6 +19,8 @@ from app.config import Settings
 
 MAX_AUTO_PROCESSES = 4  # each process holds every model: memory grows with the count
 FAST_MODEL_SECONDS = 0.001  # below this per image, one inference worker per model
+INLINE_SECONDS = 0.0002  # below this per image (about a thread hop), inference runs on the event loop
+MAX_INLINE_SECONDS = 0.001  # the longest the event loop is ever held by one inline inference
 INLINE_PIXELS = 64 * 64  # images this small are decoded on the event loop: a thread hop costs more
 
 Decode = Literal["worker", "pool"]
@@ -66,11 +68,16 @@ class Plan:
     job_cost: int  # a feature map or CAM runs alone, taking a whole batch's turn on a worker
     warm_batches: tuple[int, ...]  # batch sizes run once at load, before the model is served
     pad_to: int | None  # every batch run at exactly this size (on an accelerator), or as it comes
+    alone_threads: int = 0  # threads of the session a batch alone on the machine runs on; 0: none
+    inline_batch: int = 0  # batches up to this size run on the event loop; 0: never
 
     def describe(self) -> str:
+        alone = f" ({self.alone_threads} when alone)" if self.alone_threads else ""
+        inline = f"; batches of up to {self.inline_batch} run on the event loop" if self.inline_batch else ""
         return (
-            f"{self.workers} worker(s) x {self.threads} thread(s) of {self.cpus} CPU(s) in each of "
+            f"{self.workers} worker(s) x {self.threads} thread(s){alone} of {self.cpus} CPU(s) in each of "
             f"{self.processes} process(es); images decoded on the {self.decode}; admits {self.capacity} image(s)"
+            f"{inline}"
         )
 
 
@@ -85,6 +92,14 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
     as one two-thread worker, while LeNet-5 (30 us) served 40% more as one two-thread worker than
     as one one-thread worker: fast models get one worker with every core, slow ones a worker per
     core.
+
+    Two exceptions, for one user at a time. A model faster than a thread hop (LeNet-5: 30 us an
+    image, the hop and its wake-ups about 200 us) runs small batches on the event loop, on one
+    thread: a second ONNX Runtime thread spins on the other core and gains nothing at that size.
+    A slower model also gets a session with every CPU this process may use, for a batch that finds
+    nothing else in flight on the machine (app/serving/activity.py): EfficientNet-Lite0 answered a
+    lone client's small JPEG in 5.8 ms instead of 9.2 ms (2 cores, 2 processes; the tutorial peer
+    took 6.8 ms), while under load the one-thread workers keep serving as many as before.
 
     A one-thread worker on the CPU also decodes its requests' images: one busy thread per core and
     no hop (measured: 7 to 12% more small JPEGs). Multi-thread workers would idle their other
@@ -112,11 +127,13 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
             warm_batches=(settings.max_batch_size,),
             pad_to=settings.max_batch_size,
         )
-    if seconds_per_image < FAST_MODEL_SECONDS:
+    fast = seconds_per_image < FAST_MODEL_SECONDS
+    inline = inline_batch(settings, seconds_per_image)
+    if fast:
         workers = settings.inference_workers or 1
     else:
         workers = settings.inference_workers or max(1, cpus // (settings.intra_op_threads or 1))
-    threads = settings.intra_op_threads or max(1, cpus // workers)
+    threads = settings.intra_op_threads or (1 if inline else max(1, cpus // workers))
     return Plan(
         processes=processes,
         cpus=cpus,
@@ -125,6 +142,27 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
         decode="worker" if threads == 1 else "pool",
         capacity=settings.max_queue + settings.max_batch_size * workers,
         job_cost=settings.max_batch_size,
-        warm_batches=(1,),
+        warm_batches=tuple(range(1, settings.max_batch_size + 1)),
         pad_to=None,
+        alone_threads=alone_threads(settings, threads, fast),
+        inline_batch=inline,
     )
+
+
+def alone_threads(settings: Settings, threads: int, fast: bool) -> int:
+    """Threads for a batch that finds every other core idle (app/serving/activity.py): all the
+    CPUs this process may use. Not for a fast model (LeNet-5's 30 us gain nothing from a second
+    thread), nor when the settings fix the threads."""
+    every = available_cpus()
+    if fast or settings.intra_op_threads or every <= threads:
+        return 0
+    return every
+
+
+def inline_batch(settings: Settings, seconds_per_image: float) -> int:
+    """How large a batch may run on the event loop: none unless an image takes less than a thread
+    hop (measured: LeNet-5's 30 us against about 200 us for the hop and its wake-ups), and never
+    more than the loop may be held (MAX_INLINE_SECONDS)."""
+    if seconds_per_image >= INLINE_SECONDS:
+        return 0
+    return max(1, min(settings.max_batch_size, int(MAX_INLINE_SECONDS / max(seconds_per_image, 1e-9))))

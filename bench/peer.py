@@ -2,7 +2,8 @@
 
 One file, default session options, full decode with Pillow, preprocessing by hand, blocking
 inference inside ``async def``. It reads model.json only to use the same preprocessing numbers.
-Run: PEER_MODEL=efficientnet_lite0 uvicorn bench.peer:app --port 8100
+Run: PEER_MODEL=efficientnet_lite0 uvicorn bench.peer:app --port 8100 (PEER_THREADS=N gives its
+session N threads instead of ONNX Runtime's default).
 """
 
 import io
@@ -17,7 +18,10 @@ from PIL import Image
 
 MODEL_DIR = Path(os.environ.get("PEER_MODELS_DIR", "models")) / os.environ.get("PEER_MODEL", "efficientnet_lite0")
 spec = json.loads((MODEL_DIR / "model.json").read_text())
-session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
+options = ort.SessionOptions()
+if os.environ.get("PEER_THREADS"):  # set by bench/run.py on one core only: the default escapes taskset
+    options.intra_op_num_threads = int(os.environ["PEER_THREADS"])
+session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), options, providers=["CPUExecutionProvider"])
 app = FastAPI()
 
 

@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         figures = {"soak": soak, "overload": overload, "featurecost": featurecost}[args.run](args, Path(scratch))
     text = json.dumps(figures, indent=2)
     print(text)
+    if args.run == "soak":
+        print(f"resident-memory growth over the last 20,000 requests: {figures['growth_mb_over_last_20000']:+.1f} MB")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -26,6 +26,7 @@ from app.http.app import configure_logging, create_app
 from app.process.supervisor import Supervisor
 from app.process.topology import ConnectionShare, Slot, listening_sockets
 from app.serving import services as wiring
+from app.serving.activity import Activity
 from app.serving.runtime import accelerated
 from app.serving.services import Services
 
@@ -64,13 +65,19 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(
-    settings: Settings, processes: int = 1, sockets: list[socket.socket] | None = None, slot: Slot | None = None
+    settings: Settings,
+    processes: int = 1,
+    sockets: list[socket.socket] | None = None,
+    slot: Slot | None = None,
+    replacing: bool = False,
 ) -> None:
     """One server process; one of ``processes`` when the supervisor gives it a ``slot`` in the
-    shared connection counts."""
-    services = wiring.build(settings, processes)
-    share = ConnectionShare(slot) if slot is not None else None
-    app = create_app(services=services, crowded=share.crowded if share else None)
+    counts they share (connections, requests in flight). A process ``replacing`` one that died
+    loads its models before it accepts a connection (app/http/app.py, ``lifespan_of``)."""
+    activity = Activity(slot.requests, slot.index) if slot is not None else None
+    services = wiring.build(settings, processes, activity)
+    share = ConnectionShare(slot.connections, slot.index) if slot is not None else None
+    app = create_app(services=services, crowded=share.crowded if share else None, load_first=replacing)
     config = uvicorn.Config(
         app,
         host=settings.host,

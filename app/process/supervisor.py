@@ -5,6 +5,11 @@ drain on SIGTERM (app/process/server.py). This one runs our target in each child
 signal to the children (so a second SIGTERM still stops them at once) and replaces a child that
 dies, on the same socket, unless it exited with uvicorn's start-up failure status, which a restart
 would only repeat.
+
+The target learns whether it replaces a process: a replacement loads its models before it accepts
+(app/http/app.py, ``lifespan_of``). The socket stays listening meanwhile, since this process holds
+it, so the connections the kernel hands it wait in its backlog instead of getting 503s; the
+requests lost are those the dead process held, which its clients see as a reset connection.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from multiprocessing.process import BaseProcess
 
 from uvicorn.config import STARTUP_FAILURE
 
-from app.process.topology import Slot
+from app.process.topology import NOT_SERVING, Slot
 
 log = logging.getLogger("cnnserve")
 
@@ -30,7 +35,7 @@ POLL_SECONDS = 0.5
 class Supervisor:
     def __init__(
         self,
-        target: Callable[[list[socket.socket], Slot], None],
+        target: Callable[[list[socket.socket], Slot, bool], None],
         sockets: list[socket.socket],
         on_death: Callable[[int], None] = lambda pid: None,
     ) -> None:
@@ -39,16 +44,19 @@ class Supervisor:
         self.on_death = on_death
         self.context = multiprocessing.get_context("spawn")
         self.counts = self.context.RawArray("i", len(sockets))
+        self.requests = self.context.RawArray("i", len(sockets))
         self.children: list[BaseProcess] = []
         self.stopping = threading.Event()
         self.failed = False
 
-    def start_child(self, index: int) -> BaseProcess:
-        self.counts[index] = 0
-        slot = (self.counts, index)
-        child = self.context.Process(target=self.target, args=([self.sockets[index]], slot), name="cnnserve-server")
+    def start_child(self, index: int, replacing: bool = False) -> BaseProcess:
+        self.counts[index] = NOT_SERVING if replacing else 0
+        self.requests[index] = 0  # a process killed with requests in flight left its count behind
+        slot = Slot(self.counts, self.requests, index)
+        args = ([self.sockets[index]], slot, replacing)
+        child = self.context.Process(target=self.target, args=args, name="cnnserve-server")
         child.start()
-        log.info("started server process %d", child.pid)
+        log.info("started server process %d%s", child.pid, " (it loads its models, then serves)" if replacing else "")
         return child
 
     def forward(self, sig: int, _frame: object = None) -> None:
@@ -80,4 +88,4 @@ class Supervisor:
                 self.forward(signal.SIGTERM)
                 return
             log.error("server process %d died (exit code %s); starting another", child.pid, child.exitcode)
-            self.children[i] = self.start_child(i)
+            self.children[i] = self.start_child(i, replacing=True)

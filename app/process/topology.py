@@ -11,6 +11,10 @@ runs, and such a run had p99 at 3.5 times p50). So each process publishes how ma
 holds in memory shared by all of them, and one holding more than its share answers a response
 with ``Connection: close`` (app/http/middleware/rebalance.py): the client reconnects, the kernel
 hashes it afresh, and the split evens out within a few requests.
+
+A replacement for a process that died publishes nothing until it accepts (it loads its models
+first, app/process/supervisor.py); its slot reads NOT_SERVING meanwhile and counts in no share, so
+that the others do not send clients to a socket that nobody accepts from yet.
 """
 
 from __future__ import annotations
@@ -18,19 +22,30 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sized
+from dataclasses import dataclass
 from typing import Any
 
 REBALANCE_SECONDS = 0.05  # at most one connection asked to reconnect per process per interval
+NOT_SERVING = -1  # the count of a process that does not accept connections yet
 
-Slot = tuple[Any, int]
-"""The connection counts shared by every server process (a ctypes array), and this one's index."""
+
+@dataclass(frozen=True)
+class Slot:
+    """What every server process shares with the others, in ctypes arrays with one entry per
+    process: its open connections (for the rebalancing above) and its requests in flight (which
+    tell a batch whether it is alone on the machine, app/serving/activity.py); and which entry is
+    this process's."""
+
+    connections: Any
+    requests: Any
+    index: int
 
 
 class ConnectionShare:
     """This process's connections against the others', from the shared counts."""
 
-    def __init__(self, slot: Slot, connections: Sized = ()) -> None:
-        self.counts, self.index = slot
+    def __init__(self, counts: Any, index: int, connections: Sized = ()) -> None:
+        self.counts, self.index = counts, index
         self.connections = connections  # the server's own set, handed over once the server exists
         self.next_check = 0.0
 
@@ -39,15 +54,17 @@ class ConnectionShare:
 
     def crowded(self) -> bool:
         """Whether to send one client away: this process holds more than the even share (rounded
-        up) of all connections. Asked at most once per REBALANCE_SECONDS, and the one sent away is
-        discounted at once, so that a burst of responses does not send several."""
+        up) of all connections, among the processes that accept them. Asked at most once per
+        REBALANCE_SECONDS, and the one sent away is discounted at once, so that a burst of
+        responses does not send several."""
         now = time.monotonic()
         if now < self.next_check:
             return False
         self.next_check = now + REBALANCE_SECONDS
         mine = len(self.connections)
         self.counts[self.index] = mine
-        share = -(-sum(self.counts) // len(self.counts))
+        serving = [count for count in self.counts if count != NOT_SERVING]
+        share = -(-sum(serving) // len(serving))
         if mine <= share:
             return False
         self.counts[self.index] = mine - 1

@@ -16,6 +16,14 @@ time at 8 clients).
 A request may bring the call that decodes its image instead of the pixels: the worker decodes it
 just before the batch runs. That saves CPU-bound models a hop through another thread (measured: 7
 to 12% more small JPEGs on EfficientNet-Lite0), and a request dropped unrun is never decoded.
+
+Two shortcuts, both decided by app/sizing.py from the model's measured speed:
+
+- a batch that is all there is in flight, here and in the other server processes
+  (app/serving/activity.py), runs on ``run_alone``, a session with every core's threads: one user
+  at a time gets every core instead of one;
+- a model faster than a thread hop (LeNet-5) runs a small batch at once on the event loop
+  (``inline_batch``), with no queue, no worker and no wake-up.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from app.metrics import Metrics
+from app.serving.activity import Activity
 from app.serving.errors import DeadlineExceeded, Overloaded
 
 
@@ -123,9 +132,15 @@ class Batcher:
         capacity: int,
         metrics: Metrics,
         pad_to: int | None = None,
+        run_alone: Callable[[np.ndarray], np.ndarray] | None = None,
+        activity: Activity | None = None,
+        inline_batch: int = 0,
     ) -> None:
         self.name = name
         self.run = run
+        self.run_alone = run_alone  # every core's threads, for a batch alone on the machine
+        self.activity = activity or Activity()
+        self.inline_batch = inline_batch  # batches up to this size run on the caller's thread
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.max_queue = max_queue
@@ -146,6 +161,8 @@ class Batcher:
         """Queues ``work`` (one image, several from the V2 protocol, or the call that decodes one);
         the future gets its rows of the model's output, or the decoder's error. Raises Overloaded
         at once when the queue is full."""
+        if not callable(work) and len(work) <= self.inline_batch:
+            return self._run_inline(work)
         self._start()
         if self.inbox.qsize() >= self.max_queue:
             self.metrics.rejected.labels(self.name).inc()
@@ -174,10 +191,12 @@ class Batcher:
         raise it once the request's size is known."""
         ticket = Ticket(self)
         ticket.charge(cost)
+        self.activity.enter()
         try:
             yield ticket
         finally:
             self.admitted -= ticket.cost
+            self.activity.leave()
 
     def retry_after(self) -> int:
         backlog = self.inbox.qsize() / (self.max_batch * self.workers)
@@ -278,7 +297,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             batch = np.concatenate([images for _, images in live]) if len(live) > 1 else live[0][1]
-            output = self._infer(batch)
+            output = self._infer(batch, len(live))
         except Exception as error:  # each waiting request gets the model's failure
             for pending, _ in live:
                 _post(pending.loop, _settle, pending.future, None, error)
@@ -289,13 +308,30 @@ class Batcher:
         self.observe_batch(len(batch))
         _post(live[0][0].loop, self._hand_back, live, output)
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        """The model's rows for ``batch``; with ``pad_to``, from runs of exactly that many images,
-        because on CUDA a session whose input shape changes between runs pays cuDNN's set-up again
+    def _run_inline(self, batch: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """``batch`` run now, on the caller's thread (the event loop): the future is already done."""
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        try:
+            output = self.run(batch)
+        except Exception as error:
+            future.set_exception(error)
+            return future
+        self.observe_inference(time.perf_counter() - started)
+        self.observe_batch(len(batch))
+        future.set_result(output)
+        return future
+
+    def _infer(self, batch: np.ndarray, requests: int) -> np.ndarray:
+        """The model's rows for ``batch`` (of ``requests`` requests): on every core's threads when
+        nothing else is in flight; with ``pad_to``, from runs of exactly that many images, because
+        on CUDA a session whose input shape changes between runs pays cuDNN's set-up again
         (measured on an H200: EfficientNet-Lite0 at batches of 1 to 8 in turn ran 7 images a
         second, against 4,793 at a fixed batch of 8 and 948 at a fixed batch of 1)."""
         size = self.pad_to
         if size is None:
+            if self.run_alone is not None and self.inbox.empty() and self.activity.alone(requests):
+                return self.run_alone(batch)
             return self.run(batch)
         rows = []
         for start in range(0, len(batch), size):

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from app import sizing
 from app.config import Settings
 from app.metrics import Metrics
+from app.serving.activity import Activity
 from app.serving.batching import Batcher
 from app.serving.inspect.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
 from app.serving.runtime import CPU, ProviderUnavailable, create_session
@@ -76,8 +77,9 @@ class Refusal:
     reason: str
 
 
-def load(folder: Path, settings: Settings, metrics: Metrics, processes: int) -> Model:
-    """Everything is checked and measured before the model exists; raises ModelRefused."""
+def load(folder: Path, settings: Settings, metrics: Metrics, processes: int, activity: Activity | None = None) -> Model:
+    """Everything is checked and measured before the model exists, and every batch size it can be
+    asked to run has run once (the first run of a shape allocates); raises ModelRefused."""
     started = time.perf_counter()
     spec = read_spec(folder)
     onnx_bytes = read_verified(folder / "model.onnx", spec.sha256)
@@ -91,8 +93,10 @@ def load(folder: Path, settings: Settings, metrics: Metrics, processes: int) -> 
     plan = sizing.plan(settings, processes, warm_up(spec, session), providers[0] == CPU)
     if plan.threads != guess:
         session = open_session(source, settings.providers, plan.threads)
-    for size in plan.warm_batches:
-        warm_up(spec, session, size)
+    alone = open_session(source, settings.providers, plan.alone_threads) if plan.alone_threads else None
+    for warmed in (session, alone):
+        for size in plan.warm_batches if warmed else ():
+            warm_up(spec, warmed, size)
     batcher = Batcher(
         spec.name,
         runner(session, spec),
@@ -103,6 +107,9 @@ def load(folder: Path, settings: Settings, metrics: Metrics, processes: int) -> 
         capacity=plan.capacity,
         metrics=metrics,
         pad_to=plan.pad_to,
+        run_alone=runner(alone, spec) if alone else None,
+        activity=activity,
+        inline_batch=plan.inline_batch,
     )
     analysis, featuremaps = None, None
     if settings.featuremaps:

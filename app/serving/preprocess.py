@@ -147,10 +147,9 @@ def to_tensor(image: Image.Image, spec: InputSpec) -> np.ndarray:
         pixels = pixels[:, :, None]
     if spec.color == "BGR":
         pixels = pixels[:, :, ::-1]
-    scale = 1.0 / np.asarray(spec.std, dtype=np.float32)
-    offset = -np.asarray(spec.mean, dtype=np.float32) * scale
+    scale, offset = spec.scale_offset
     if spec.layout == "NCHW":
-        pixels, scale, offset = pixels.transpose(2, 0, 1), scale[:, None, None], offset[:, None, None]
+        pixels = pixels.transpose(2, 0, 1)
     tensor = np.empty((1, *pixels.shape), dtype=np.float32)
     np.multiply(pixels, scale, out=tensor[0])
     tensor[0] += offset

@@ -12,6 +12,7 @@ from pathlib import Path
 from app.config import Settings
 from app.metrics import Metrics
 from app.serving import loader
+from app.serving.activity import Activity
 from app.serving.errors import NotFound, Unavailable
 from app.serving.loader import Model, ModelRefused, Refusal
 
@@ -19,10 +20,11 @@ log = logging.getLogger("cnnserve.repository")
 
 
 class Repository:
-    def __init__(self, settings: Settings, metrics: Metrics, processes: int) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, processes: int, activity: Activity | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.processes = processes
+        self.activity = activity or Activity()  # shared by every model: a request anywhere is activity
         self.models: dict[str, Model] = {}
         self.refused: dict[str, Refusal] = {}
         self.loaded = False
@@ -31,7 +33,7 @@ class Repository:
         """Every folder, one at a time (blocking: call it off the event loop), then mark loaded."""
         for folder in self.folders():
             try:
-                model = loader.load(folder, self.settings, self.metrics, self.processes)
+                model = loader.load(folder, self.settings, self.metrics, self.processes, self.activity)
             except ModelRefused as refused:
                 self.refused[folder.name] = Refusal(folder.name, folder, str(refused))
                 self.metrics.model_failed.labels(folder.name).set(1)

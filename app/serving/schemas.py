@@ -31,6 +31,8 @@ class ServingPlan(BaseModel):
     decode: Literal["worker", "pool"] = Field(description="where images over 64x64 are decoded")
     capacity: int = Field(description="images admitted at once; beyond them 429")
     padded_batch: int | None = Field(description="every batch run at this size (on an accelerator)")
+    alone_threads: int = Field(description="threads of a batch that is all there is in flight; 0: no such session")
+    inline_batch: int = Field(description="batches up to this size run on the event loop; 0: never")
     max_batch_size: int
     max_queue: int
 

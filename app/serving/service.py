@@ -178,6 +178,8 @@ class Service:
                 decode=plan.decode,
                 capacity=plan.capacity,
                 padded_batch=plan.pad_to,
+                alone_threads=plan.alone_threads,
+                inline_batch=plan.inline_batch,
                 max_batch_size=self.settings.max_batch_size,
                 max_queue=self.settings.max_queue,
             ),
@@ -314,7 +316,8 @@ class Service:
 
     async def _read(self, source: bytes | T | Callable[[], Awaitable[bytes | T]]) -> Any:
         """What the request brings, read now that it is admitted, within the request timeout: a
-        slow upload must not hold its model's capacity for ever."""
+        slow upload must not hold its model's capacity for ever. (HTTP bounds the body's time as
+        well, from the request's start, for the connection: app/http/middleware/request_body.py.)"""
         if not callable(source):
             return source
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from app.config import Settings
 from app.metrics import Metrics
 from app.serving import preprocess
+from app.serving.activity import Activity
 from app.serving.repository import Repository
 from app.serving.service import Lifecycle, Service
 
@@ -24,11 +25,13 @@ class Services:
     lifecycle: Lifecycle
 
 
-def build(settings: Settings, processes: int = 1) -> Services:
+def build(settings: Settings, processes: int = 1, activity: Activity | None = None) -> Services:
     """Everything one server process needs; ``processes`` is how many share the port (each gets
-    its share of the CPUs). Models are not loaded yet: ``services.repository.load_all()`` does it."""
+    its share of the CPUs), ``activity`` counts the requests in flight in all of them (this
+    process's alone by default). Models are not loaded yet: ``services.repository.load_all()``
+    does it."""
     preprocess.refuse_decompression_bombs()
     metrics = Metrics(settings.prometheus_multiproc_dir)
-    repository = Repository(settings, metrics, processes)
+    repository = Repository(settings, metrics, processes, activity)
     lifecycle = Lifecycle()
     return Services(settings, metrics, repository, Service(settings, repository, lifecycle), lifecycle)

@@ -7,8 +7,10 @@ from it (``python -m app.serving.spec``) for the training side and for people wr
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -50,6 +52,16 @@ class InputSpec(Strict):
     @property
     def channels(self) -> int:
         return 1 if self.color == "L" else 3
+
+    @cached_property
+    def scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pixel * scale + offset) = (pixel - mean) / std per channel, shaped to broadcast over the
+        layout's pixels; computed once, as every request needs it."""
+        scale = 1.0 / np.asarray(self.std, dtype=np.float32)
+        offset = -np.asarray(self.mean, dtype=np.float32) * scale
+        if self.layout == "NCHW":
+            return scale[:, None, None], offset[:, None, None]
+        return scale, offset
 
 
 class OutputSpec(Strict):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.metrics import Metrics
+from app.serving.activity import Activity
 from app.serving.batching import STOP, Batcher
 from app.serving.errors import BadRequest, DeadlineExceeded, Overloaded
 from training.data import load_split
@@ -307,13 +308,14 @@ def test_a_queue_delay_gathers_requests_that_arrive_close_together(lenet):
     assert gate.sizes == [4]
 
 
-def test_overload_over_http_is_429_with_retry_after(photos):
+def test_overload_over_http_is_429_with_retry_after(photos, monkeypatch):
     settings = Settings(models_dir=MODELS, default_model="lenet5", max_queue=2, max_batch_size=1)
     image = png_bytes(Image.open(photos["chelsea"]).convert("L").resize((28, 28)))
     with running_client(settings) as client:
         model = client.app.state.services.repository.models["lenet5"]
         hold, original = threading.Event(), model.batcher.run
         model.batcher.run = lambda batch: hold.wait(10) and original(batch)  # the one worker is held: the queue fills
+        monkeypatch.setattr(model.batcher, "inline_batch", 0)  # a held model is no faster than a thread hop
         with ThreadPoolExecutor(6) as pool:
             futures = [
                 pool.submit(client.post, "/classify", content=image, headers={"content-type": "image/png"})
@@ -366,3 +368,71 @@ def test_padded_batches_run_at_one_size_and_each_request_gets_only_its_rows(lene
     assert gate.sizes == [4, 4, 4]
     assert one.shape == (1, 10) and np.allclose(one, expected[:1], atol=1e-5)
     assert six.shape == (6, 10) and np.allclose(six, expected, atol=1e-5)
+
+
+class Recorder:
+    """A model call that records the thread it ran on and the batch sizes it was given."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append((threading.current_thread().name, len(batch)))
+        return self.session.run(None, {"input": batch})[0]
+
+
+def test_a_model_faster_than_a_thread_hop_runs_small_batches_at_once_on_the_event_loop(lenet):
+    session, images = lenet
+    run = Recorder(session)
+    b = batcher(run, inline_batch=2)
+
+    async def scenario():
+        inline = b.submit(images[:2], timeout=10)
+        done_at_once = inline.done()
+        queued = b.submit(images[:3], timeout=10)  # over the inline size: through a worker
+        rows = [await inline, await queued]
+        await b.close()
+        return done_at_once, rows
+
+    done_at_once, (two, three) = asyncio.run(scenario())
+    assert done_at_once and run.calls == [("MainThread", 2), ("infer-lenet5-0", 3)]
+    expected = session.run(None, {"input": images[:3]})[0]
+    assert np.allclose(two, expected[:2], atol=1e-5) and np.allclose(three, expected, atol=1e-5)
+
+
+def test_a_request_alone_on_the_machine_runs_on_every_core_and_one_with_company_on_its_share(lenet):
+    """The other slot stands for another server process: a request in flight there keeps this
+    one's batch on its one-core session."""
+    session, images = lenet
+    narrow, wide = Recorder(session), Recorder(session)
+    activity = Activity([0, 0], index=0)
+    b = batcher(narrow, run_alone=wide, activity=activity)
+
+    async def classify() -> np.ndarray:
+        with b.admission():
+            return await b.submit(images[:1], timeout=10)
+
+    async def scenario():
+        alone = await classify()
+        activity.counts[1] = 1  # a request admitted in the other process
+        accompanied = await classify()
+        await b.close()
+        return alone, accompanied
+
+    alone, accompanied = asyncio.run(scenario())
+    assert [size for _, size in wide.calls] == [1] and [size for _, size in narrow.calls] == [1]
+    assert np.allclose(alone, accompanied, atol=1e-5)
+    assert activity.counts[0] == 0  # every admission left
+
+
+def test_activity_counts_admitted_requests_across_processes():
+    mine, other = Activity([0, 0], index=0), Activity([0, 0], index=1)
+    other.counts = mine.counts  # as the supervisor's shared array is for both
+    mine.enter()
+    assert mine.alone(1) and other.alone(1)  # its own request is all there is
+    other.enter()
+    assert not mine.alone(1) and mine.alone(2)
+    mine.leave()
+    other.leave()
+    assert list(mine.counts) == [0, 0]

@@ -53,7 +53,23 @@ def test_thread_count_defaults_to_the_cpus_available():
 def test_slow_models_get_a_worker_per_core_and_fast_ones_one_worker_with_every_core():
     cpus = available_cpus()
     assert threads_and_workers(Settings(), seconds_per_image=0.003) == (1, cpus)
-    assert threads_and_workers(Settings(), seconds_per_image=0.00003) == (cpus, 1)
+    assert threads_and_workers(Settings(), seconds_per_image=0.0005) == (cpus, 1)
+
+
+def test_a_model_faster_than_a_thread_hop_runs_on_the_event_loop_for_at_most_a_millisecond():
+    fastest = plan(Settings(), 1, seconds_per_image=0.00003, on_cpu=True)
+    assert (fastest.inline_batch, fastest.threads, fastest.workers) == (8, 1, 1)  # 8 x 30 us < 1 ms
+    assert plan(Settings(), 1, seconds_per_image=0.00015, on_cpu=True).inline_batch == 6  # 6 x 150 us < 1 ms
+    assert plan(Settings(), 1, seconds_per_image=0.0005, on_cpu=True).inline_batch == 0
+    assert plan(Settings(), 1, seconds_per_image=0.00003, on_cpu=False).inline_batch == 0
+
+
+def test_a_slow_model_gets_a_session_with_every_core_for_a_batch_that_is_alone():
+    cpus = available_cpus()
+    slow = plan(Settings(), processes=cpus, seconds_per_image=0.003, on_cpu=True)
+    assert slow.threads == 1 and slow.alone_threads == (cpus if cpus > 1 else 0)
+    assert plan(Settings(), 1, seconds_per_image=0.00003, on_cpu=True).alone_threads == 0  # nothing to gain
+    assert plan(Settings(intra_op_threads=1), cpus, seconds_per_image=0.003, on_cpu=True).alone_threads == 0
 
 
 def test_what_the_settings_fix_is_kept_and_the_rest_follows():
@@ -86,6 +102,8 @@ def test_models_show_what_sizing_gave_them(client):
         "decode": "worker",
         "capacity": 32 + 8 * available_cpus(),
         "padded_batch": None,
+        "alone_threads": available_cpus() if available_cpus() > 1 else 0,
+        "inline_batch": 0,
         "max_batch_size": 8,
         "max_queue": 32,
     }

@@ -121,7 +121,7 @@ def test_keep_alive_connections_end_up_spread_evenly_over_the_processes(two_proc
 
 def test_a_process_holding_more_than_its_share_sends_one_client_away_per_interval():
     counts = multiprocessing.RawArray("i", [0, 3])
-    share = ConnectionShare((counts, 0), connections={object() for _ in range(6)})
+    share = ConnectionShare(counts, 0, connections={object() for _ in range(6)})
     assert share.crowded()  # 6 of 9: the even share is 5
     assert counts[0] == 5  # the one sent away no longer counts
     assert not share.crowded()  # not again within the interval
@@ -133,9 +133,9 @@ def test_a_process_holding_more_than_its_share_sends_one_client_away_per_interva
 
 def test_an_even_split_sends_nobody_away():
     counts = multiprocessing.RawArray("i", [0, 4])
-    assert not ConnectionShare((counts, 0), connections={object() for _ in range(4)}).crowded()
+    assert not ConnectionShare(counts, 0, connections={object() for _ in range(4)}).crowded()
     counts = multiprocessing.RawArray("i", [0, 0, 3])
-    assert not ConnectionShare((counts, 0), connections={object() for _ in range(2)}).crowded()
+    assert not ConnectionShare(counts, 0, connections={object() for _ in range(2)}).crowded()
 
 
 def test_a_server_process_that_dies_is_replaced(several, photos):

@@ -117,8 +117,10 @@ def test_feature_maps_are_refused_at_the_door_when_the_model_is_full(core, photo
     assert maps.media_type == "image/png" and maps.body.startswith(b"\x89PNG")
 
 
-def test_tensor_inference_shares_the_admission_of_images(core):
-    """Eight images cost eight of the twelve: a second such request is refused while the first waits."""
+def test_tensor_inference_shares_the_admission_of_images(core, monkeypatch):
+    """Eight images cost eight of the twelve: a second such request is refused while the first waits
+    (in the queue: LeNet-5 would run a batch of eight at once on the event loop)."""
+    monkeypatch.setattr(core.repository.get("lenet5").batcher, "inline_batch", 0)
     batch = np.zeros((8, 1, 28, 28), np.float32)
     refused, done = second_while_first_waits(core, lambda: core.service.infer("lenet5", {"input": batch}))
     assert isinstance(refused, Overloaded)

@@ -4,7 +4,8 @@ process (see app/process/topology.py for why the split is uneven to begin with).
 
 Never on a response that went out before the request's body was read (a 429 at admission is
 answered unread): closing then would cut a client off mid-upload, and it would see a broken pipe
-instead of its answer.
+instead of its answer. Such a response closes its connection anyway, but only once the rest of the
+body has been read (app/http/middleware/request_body.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,7 @@ from collections.abc import Callable
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-def has_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:  # raw, lower-case names: no Headers object on every request
-        if name == b"transfer-encoding" or (name == b"content-length" and value not in (b"", b"0")):
-            return True
-    return False
+from app.http.middleware.request_body import has_body
 
 
 class Rebalance:

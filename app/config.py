@@ -38,6 +38,16 @@ class Settings(BaseSettings):
     )
     max_pixels: int = Field(50_000_000, gt=0, description="largest image, width x height, decoded (413 above)")
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description="none: every model at start, no management API; explicit: the models named by "
+        "CNNSERVE_LOAD_MODELS at start, then load and unload through /v2/repository; poll: every model at "
+        "start, then the repository is watched (and the API is on)",
+    )
+    load_models: str = Field(
+        "", description="explicit mode: comma-separated models loaded at start (cnnserve serve --load-model NAME)"
+    )
+    poll_interval_s: float = Field(2.0, gt=0, le=3600, description="poll mode: seconds between looks at the repository")
     featuremaps: bool = Field(
         True, description="serve /featuremaps and /cam (a second session per model, built lazily)"
     )
@@ -73,6 +83,10 @@ class Settings(BaseSettings):
         """``CNNSERVE_API_KEY=`` (compose's default for an unset variable) turns authentication off,
         rather than on with an empty key."""
         return None if value == "" else value
+
+    @property
+    def load_model_list(self) -> list[str]:
+        return [name.strip() for name in self.load_models.split(",") if name.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -73,10 +73,29 @@ class Metrics:
         )
         self.model_loaded = Gauge(
             "cnnserve_model_loaded",
-            "1 for each model served, labelled with the execution provider it got.",
-            ["model", "provider"],
+            "1 for each model version served, labelled with the execution provider it got; 0 once unloaded.",
+            ["model", "version", "provider"],
             registry=self.registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
+        )
+        self.model_loads = Counter(
+            "cnnserve_model_loads",
+            "Model loads (at start, by the repository API or by polling), by outcome: loaded, unchanged, refused.",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.model_unloads = Counter(
+            "cnnserve_model_unloads",
+            "Models unloaded (by the repository API or because their folder went).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_load_duration = Histogram(
+            "cnnserve_model_load_duration_seconds",
+            "Seconds to load, check and warm one model version.",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
         )
         self.connections = Gauge(
             "cnnserve_open_connections",
@@ -92,10 +111,10 @@ class Metrics:
         )
         self.model_failed = Gauge(
             "cnnserve_model_failed",
-            "1 for each model folder refused at load.",
+            "1 for each model that serves nothing because it was refused at load; 0 once it serves.",
             ["model"],
             registry=self.registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
 
     def render(self) -> bytes:

@@ -5,6 +5,7 @@ handed. ``create_app(settings)`` or ``create_app(services=...)`` builds nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -61,17 +62,26 @@ async def load_models(services: Services) -> None:
     /readyz with 503, unless the process loads before it serves: ``lifespan_of``)."""
     settings, repository = services.settings, services.repository
     started = time.perf_counter()
-    await asyncio.to_thread(repository.load_all)
+    await asyncio.to_thread(services.control.load_initial)
     settle_garbage_collector()
     log.info(
-        "%d model(s) loaded, %d refused, in %.2f s from %s; default model %s is %s",
+        "%d model(s) loaded, %d refused, in %.2f s from %s (model control: %s); default model %s is %s",
         len(repository.models),
         len(repository.refused),
         time.perf_counter() - started,
         settings.models_dir,
+        settings.model_control,
         settings.default_model,
         "ready" if settings.default_model in repository.models else "NOT available",
     )
+
+
+async def watch_after(loading: asyncio.Task[None], services: Services) -> None:
+    """Once the models are loaded, the model control's watching (poll mode, or explicit mode with
+    other processes to follow), until cancelled at shutdown."""
+    await asyncio.wait([loading])
+    if not loading.cancelled() and loading.exception() is None:
+        await services.control.run()
 
 
 def lifespan_of(services: Services, load_first: bool = False) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -87,16 +97,23 @@ def lifespan_of(services: Services, load_first: bool = False) -> Callable[[FastA
     handing it connections. Served while loading, each got a 503 (measured: 557 of 3,815 requests
     at 8 connections); held in the socket's backlog until the models are loaded and warm, they
     wait a second or two and are answered (tests/app/test_recovery.py). A load that fails is
-    raised at shutdown either way, the process serving its 503s meanwhile."""
+    raised at shutdown either way, the process serving its 503s meanwhile.
+
+    After the loading, a second task watches the repository (app/serving/control.py) until
+    shutdown cancels it."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(load_models(services))
         if load_first:
             await asyncio.wait([loading])
+        watching = asyncio.create_task(watch_after(loading, services))
         try:
             yield
         finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
             await loading
             await services.repository.close()
 

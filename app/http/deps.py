@@ -28,6 +28,10 @@ ModelName = Annotated[
 
 ModelPath = Annotated[str, Path(pattern=NAME_PATTERN, description="model name")]
 
+ModelVersion = Annotated[
+    str | None, Query(pattern=r"^[0-9]{1,9}$", description="model version; default: the newest served")
+]
+
 IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,

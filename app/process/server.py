@@ -27,6 +27,7 @@ from app.process.supervisor import Supervisor
 from app.process.topology import ConnectionShare, Slot, listening_sockets
 from app.serving import services as wiring
 from app.serving.activity import Activity
+from app.serving.control import Shared
 from app.serving.runtime import accelerated
 from app.serving.services import Services
 
@@ -75,7 +76,10 @@ def run_server(
     counts they share (connections, requests in flight). A process ``replacing`` one that died
     loads its models before it accepts a connection (app/http/app.py, ``lifespan_of``)."""
     activity = Activity(slot.requests, slot.index) if slot is not None else None
-    services = wiring.build(settings, processes, activity)
+    shared = None
+    if slot is not None and slot.models_state is not None:
+        shared = Shared(slot.models_state, slot.models_applied, slot.index)
+    services = wiring.build(settings, processes, activity, shared)
     share = ConnectionShare(slot.connections, slot.index) if slot is not None else None
     app = create_app(services=services, crowded=share.crowded if share else None, load_first=replacing)
     config = uvicorn.Config(
@@ -114,4 +118,5 @@ def supervise(settings: Settings, count: int) -> int:
         log.info("serving on http://%s:%d with %d processes", settings.host, settings.port, count)
         target = partial(run_server, child_settings, count)
         forget = partial(mark_process_dead, path=str(shared))  # its live gauges
-        return Supervisor(target, sockets, on_death=forget).run()
+        state = Path(scratch) / "models.json"  # explicit mode's wanted models (app/serving/control.py)
+        return Supervisor(target, sockets, on_death=forget, models_state=state).run()

@@ -22,10 +22,12 @@ import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from uvicorn.config import STARTUP_FAILURE
 
 from app.process.topology import NOT_SERVING, Slot
+from app.serving.control import NOT_APPLIED
 
 log = logging.getLogger("cnnserve")
 
@@ -38,6 +40,7 @@ class Supervisor:
         target: Callable[[list[socket.socket], Slot, bool], None],
         sockets: list[socket.socket],
         on_death: Callable[[int], None] = lambda pid: None,
+        models_state: Path | None = None,
     ) -> None:
         self.target = target
         self.sockets = sockets
@@ -45,6 +48,8 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.counts = self.context.RawArray("i", len(sockets))
         self.requests = self.context.RawArray("i", len(sockets))
+        self.models_applied = self.context.RawArray("i", [NOT_APPLIED] * len(sockets))
+        self.models_state = models_state
         self.children: list[BaseProcess] = []
         self.stopping = threading.Event()
         self.failed = False
@@ -52,7 +57,8 @@ class Supervisor:
     def start_child(self, index: int, replacing: bool = False) -> BaseProcess:
         self.counts[index] = NOT_SERVING if replacing else 0
         self.requests[index] = 0  # a process killed with requests in flight left its count behind
-        slot = Slot(self.counts, self.requests, index)
+        self.models_applied[index] = NOT_APPLIED  # nobody waits for a process that is starting
+        slot = Slot(self.counts, self.requests, index, self.models_applied, self.models_state)
         args = ([self.sockets[index]], slot, replacing)
         child = self.context.Process(target=self.target, args=args, name="cnnserve-server")
         child.start()

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Sized
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 REBALANCE_SECONDS = 0.05  # at most one connection asked to reconnect per process per interval
@@ -32,13 +33,15 @@ NOT_SERVING = -1  # the count of a process that does not accept connections yet
 @dataclass(frozen=True)
 class Slot:
     """What every server process shares with the others, in ctypes arrays with one entry per
-    process: its open connections (for the rebalancing above) and its requests in flight (which
-    tell a batch whether it is alone on the machine, app/serving/activity.py); and which entry is
-    this process's."""
+    process: its open connections (for the rebalancing above), its requests in flight (which
+    tell a batch whether it is alone on the machine, app/serving/activity.py) and the models it
+    applied (app/serving/control.py); and which entry is this process's."""
 
     connections: Any
     requests: Any
     index: int
+    models_applied: Any = None  # per process, the generation of the wanted models it applied
+    models_state: Path | None = None  # the wanted models, for explicit mode (app/serving/control.py)
 
 
 class ConnectionShare:

@@ -33,7 +33,7 @@ from app.serving.spec import InputSpec, ModelSpec
 
 log = logging.getLogger("cnnserve.loader")
 
-VERSION = "1"  # each folder holds one version of its model
+FLAT_VERSION = "1"  # the version of a model kept flat: model.onnx beside model.json
 
 
 class ModelRefused(Exception):
@@ -61,7 +61,8 @@ class Model:
     featuremaps: LazyFeatureMaps | None
     timeout: float
     load_seconds: float
-    version: str = VERSION
+    version: str = FLAT_VERSION
+    fingerprint: tuple[object, ...] = ()  # what its files looked like when loaded (app/serving/repository.py)
 
     @property
     def name(self) -> str:
@@ -77,11 +78,24 @@ class Refusal:
     reason: str
 
 
-def load(folder: Path, settings: Settings, metrics: Metrics, processes: int, activity: Activity | None = None) -> Model:
-    """Everything is checked and measured before the model exists, and every batch size it can be
-    asked to run has run once (the first run of a shape allocates); raises ModelRefused."""
+def load(
+    folder: Path,
+    settings: Settings,
+    metrics: Metrics,
+    processes: int,
+    activity: Activity | None = None,
+    *,
+    name: str | None = None,
+    version: str = FLAT_VERSION,
+) -> Model:
+    """The model ``name`` (the folder's name by default) at ``version``, from ``folder`` (the model's
+    own, or one of its numbered version folders). Everything is checked and measured before the
+    model exists, and every batch size it can be asked to run has run once (the first run of a
+    shape allocates); raises ModelRefused. model.json's ``serving`` overrides the settings."""
     started = time.perf_counter()
-    spec = read_spec(folder)
+    fingerprint = fingerprint_of(folder)
+    spec = read_spec(folder, name)
+    settings = settings.model_copy(update=spec.serving.given())
     onnx_bytes = read_verified(folder / "model.onnx", spec.sha256)
     proto = parse_onnx(onnx_bytes)
     external = check_external_data(proto, folder)
@@ -129,7 +143,20 @@ def load(folder: Path, settings: Settings, metrics: Metrics, processes: int, act
         featuremaps=featuremaps,
         timeout=settings.request_timeout_s,
         load_seconds=time.perf_counter() - started,
+        version=version,
+        fingerprint=fingerprint,
     )
+
+
+def fingerprint_of(folder: Path) -> tuple[object, ...]:
+    """What changes when a model's files are replaced: each file's name, size and modification time
+    (nanoseconds). Cheap enough to take every few seconds for every model (poll mode)."""
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
 
 
 def runner(session: ort.InferenceSession, spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
@@ -188,7 +215,8 @@ def inspection(
     return analysis, LazyFeatureMaps(build)
 
 
-def read_spec(folder: Path) -> ModelSpec:
+def read_spec(folder: Path, name: str | None = None) -> ModelSpec:
+    """model.json of ``folder``, which must name the model ``name`` (the folder's own by default)."""
     try:
         raw = json.loads((folder / "model.json").read_text())
         spec = ModelSpec.model_validate(raw)
@@ -198,8 +226,9 @@ def read_spec(folder: Path) -> ModelSpec:
         raise ModelRefused(f"model.json is not valid JSON: {error}") from None
     except ValidationError as error:
         raise ModelRefused(f"model.json does not match the schema: {error}") from None
-    if spec.name != folder.name:
-        raise ModelRefused(f"model.json names {spec.name!r} but the folder is {folder.name!r}")
+    expected = name or folder.name
+    if spec.name != expected:
+        raise ModelRefused(f"model.json names {spec.name!r} but the model is {expected!r}")
     return spec
 
 

@@ -37,10 +37,20 @@ class ServingPlan(BaseModel):
     max_queue: int
 
 
+class VersionStatus(BaseModel):
+    version: str
+    status: Literal["ready", "failed"]
+    reason: str | None = Field(None, description="why this version is not served")
+
+
 class ModelInfo(BaseModel):
     name: str
     status: Literal["ready", "failed"]
     reason: str | None = Field(None, description="why a failed model was refused")
+    version: str | None = Field(None, description="the version a request that names none gets (the newest served)")
+    versions: list[VersionStatus] = Field(
+        default_factory=list, description="versions served, newest first, and versions refused"
+    )
     description: str | None = None
     input: InputSpec | None = None
     labels: int | None = Field(None, description="number of classes")

@@ -41,6 +41,7 @@ from app.serving.schemas import (
     ModelList,
     ServingPlan,
     Tensor,
+    VersionStatus,
 )
 
 T = TypeVar("T")
@@ -152,12 +153,15 @@ class Service:
 
     def _info(self, entry: Model | Refusal) -> ModelInfo:
         default = entry.name == self.settings.default_model
+        versions = self._versions(entry.name)
         if isinstance(entry, Refusal):
-            return ModelInfo(name=entry.name, status="failed", reason=entry.reason, default=default)
+            return ModelInfo(name=entry.name, status="failed", reason=entry.reason, default=default, versions=versions)
         spec, plan = entry.spec, entry.plan
         return ModelInfo(
             name=spec.name,
             status="ready",
+            version=entry.version,
+            versions=versions,
             description=spec.description,
             input=spec.input,
             labels=len(spec.labels),
@@ -185,11 +189,18 @@ class Service:
             ),
         )
 
+    def _versions(self, name: str) -> list[VersionStatus]:
+        served = self.repository.versions.get(name, {})
+        failed = self.repository.failed_versions.get(name, {})
+        return [VersionStatus(version=v, status="ready") for v in served] + [
+            VersionStatus(version=v, status="failed", reason=why) for v, why in failed.items() if v not in served
+        ]
+
     def signature(self, name: str, version: str | None = None) -> Signature:
         model = self.repository.get(name, version)
         return Signature(
             name=model.name,
-            versions=[model.version],
+            versions=list(self.repository.versions.get(model.name, {model.version: model})),
             input=model.input,
             output=model.output,
             max_batch_size=MAX_TENSOR_BATCH,

@@ -12,6 +12,7 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.serving import preprocess
 from app.serving.activity import Activity
+from app.serving.control import ModelControl, Shared
 from app.serving.repository import Repository
 from app.serving.service import Lifecycle, Service
 
@@ -23,15 +24,19 @@ class Services:
     repository: Repository
     service: Service
     lifecycle: Lifecycle
+    control: ModelControl
 
 
-def build(settings: Settings, processes: int = 1, activity: Activity | None = None) -> Services:
+def build(
+    settings: Settings, processes: int = 1, activity: Activity | None = None, shared: Shared | None = None
+) -> Services:
     """Everything one server process needs; ``processes`` is how many share the port (each gets
     its share of the CPUs), ``activity`` counts the requests in flight in all of them (this
-    process's alone by default). Models are not loaded yet: ``services.repository.load_all()``
-    does it."""
+    process's alone by default), ``shared`` is the wanted models they all apply in explicit mode.
+    Models are not loaded yet: ``services.control.load_initial()`` does it."""
     preprocess.refuse_decompression_bombs()
     metrics = Metrics(settings.prometheus_multiproc_dir)
     repository = Repository(settings, metrics, processes, activity)
     lifecycle = Lifecycle()
-    return Services(settings, metrics, repository, Service(settings, repository, lifecycle), lifecycle)
+    service = Service(settings, repository, lifecycle)
+    return Services(settings, metrics, repository, service, lifecycle, ModelControl(settings, repository, shared))

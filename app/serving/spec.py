@@ -86,6 +86,44 @@ class Accuracy(Strict):
     measured_with: str = Field(description="what ran the measurement, e.g. onnxruntime 1.32.0 on the exported file")
 
 
+class VersionPolicy(Strict):
+    """Which numbered versions of a model are served, as Triton's version_policy: the newest N
+    (``latest``, the default with N = 1), ``all``, or a ``specific`` list. A model kept flat (its
+    model.onnx beside model.json) has the one version 1."""
+
+    latest: int | None = Field(default=None, ge=1, description="serve the newest N versions")
+    all: bool = Field(default=False, description="serve every version")
+    specific: list[int] | None = Field(default=None, min_length=1, description="serve these versions")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        if sum((self.latest is not None, self.all, self.specific is not None)) > 1:
+            raise ValueError("version_policy takes one of latest, all, specific")
+        return self
+
+    def choose(self, versions: list[int]) -> list[int]:
+        """The versions to serve out of those on disk, newest first."""
+        newest_first = sorted(versions, reverse=True)
+        if self.all:
+            return newest_first
+        if self.specific is not None:
+            return [v for v in newest_first if v in self.specific]
+        return newest_first[: self.latest or 1]
+
+
+class ServingOverrides(Strict):
+    """This model's serving settings, over the CNNSERVE_* ones (unset: the global value)."""
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0, le=10_000)
+    max_queue: int | None = Field(default=None, ge=1)
+    inference_workers: int | None = Field(default=None, ge=0, le=64)
+    intra_op_threads: int | None = Field(default=None, ge=0)
+
+    def given(self) -> dict[str, Any]:
+        return {key: value for key, value in self.model_dump().items() if value is not None}
+
+
 class ModelSpec(Strict):
     schema_version: Literal[1] = 1
     name: str = Field(pattern=NAME_PATTERN)
@@ -96,6 +134,13 @@ class ModelSpec(Strict):
     source: Source
     accuracy: Accuracy | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of model.onnx")
+    version_policy: VersionPolicy = Field(
+        default_factory=VersionPolicy,
+        description="which numbered version folders are served; read from the newest version's model.json",
+    )
+    serving: ServingOverrides = Field(
+        default_factory=ServingOverrides, description="serving settings for this model, over the global ones"
+    )
 
 
 def json_schema() -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_no_name_means_the_default_model(core):
 def test_an_unknown_model_or_version_is_not_found(core):
     with pytest.raises(NotFound, match="unknown model 'nope'"):
         core.repository.get("nope")
-    with pytest.raises(NotFound, match="only version 1"):
+    with pytest.raises(NotFound, match=r"no version .2. served; served versions: 1"):
         core.repository.get("lenet5", "2")
     assert core.repository.get("lenet5", "1").name == "lenet5"
 

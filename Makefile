@@ -7,7 +7,7 @@ PORT ?= 8000
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 TRAINED := lenet5 alexnet googlenet resnet
 
-.PHONY: help serve test lint format install install-dev dataset tools models train export schema bench bench-gpu soak overload clean
+.PHONY: help serve test lint format install install-dev dataset tools models train export schema bench bench-gpu soak overload cycles clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ soak: $(VENV)/.dev dataset  ## 50,000 mixed requests; resident-memory growth ove
 
 overload: $(VENV)/.dev dataset  ## 64 clients sending 12-megapixel photos for 30 s
 	$(BIN)/python -m bench.stress overload --out bench/results/overload.json
+
+cycles: $(VENV)/.dev dataset  ## 50 unload/load cycles of EfficientNet-Lite0 through the repository API; resident-memory growth (about 3 min)
+	$(BIN)/python -m bench.stress cycles --cycles 50 --model efficientnet_lite0 --out bench/results/cycles.json
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format .

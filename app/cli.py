@@ -27,6 +27,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument(
         "--processes", type=int, help="server processes sharing the port (default: one per core on the CPU, up to 4)"
     )
+    serve.add_argument(
+        "--model-control",
+        choices=["none", "explicit", "poll"],
+        help="none (default): every model at start, no repository API; explicit: the --load-model ones at start, "
+        "then POST /v2/repository/models/NAME/load and .../unload; poll: every model at start, then the repository "
+        "folder is watched (new folders load, changed ones reload, removed ones unload) and the API is on too",
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="explicit mode: a model loaded at start; repeat for several (default: none, or $CNNSERVE_LOAD_MODELS)",
+    )
+    serve.add_argument(
+        "--poll-interval",
+        type=float,
+        metavar="SECONDS",
+        help="poll mode: seconds between looks at the repository (default 2)",
+    )
     classify = commands.add_parser("classify", help="classify image files with a running service, print the top-k")
     classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     classify.add_argument("--model", help="model name (default: the service's default model)")
@@ -41,10 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def serve(args: argparse.Namespace) -> None:
-    """The options given on the command line over the CNNSERVE_* environment, then serve."""
-    from app.process.server import serve as serve_settings  # here, so that `cnnserve probe` never loads ONNX Runtime
-
+def serve_settings_of(args: argparse.Namespace) -> Settings:
+    """The options given on the command line over the CNNSERVE_* environment; ``--load-model``
+    given several times becomes one comma-separated CNNSERVE_LOAD_MODELS."""
     options = {
         "models_dir": args.models_dir,
         "default_model": args.default_model,
@@ -52,8 +70,17 @@ def serve(args: argparse.Namespace) -> None:
         "host": args.host,
         "port": args.port,
         "processes": args.processes,
+        "model_control": args.model_control,
+        "load_models": ",".join(args.load_model) if args.load_model else None,
+        "poll_interval_s": args.poll_interval,
     }
-    serve_settings(Settings(**{key: value for key, value in options.items() if value is not None}))
+    return Settings(**{key: value for key, value in options.items() if value is not None})
+
+
+def serve(args: argparse.Namespace) -> None:
+    from app.process.server import serve as serve_settings  # here, so that `cnnserve probe` never loads ONNX Runtime
+
+    serve_settings(serve_settings_of(args))
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:

@@ -1,12 +1,15 @@
-"""Two long runs against a real server on loopback, kept out of the test suite because they take
-minutes: the soak (many mixed requests, good and bad, and the resident-memory growth they leave)
-and the overload (64 clients sending 12-megapixel photos at once: what is refused, how fast the
-accepted ones come back, and whether /healthz stays quick meanwhile).
+"""Long runs against a real server on loopback, kept out of the test suite because they take
+minutes: the soak (many mixed requests, good and bad, and the resident-memory growth they leave),
+the overload (64 clients sending 12-megapixel photos at once: what is refused, how fast the
+accepted ones come back, and whether /healthz stays quick meanwhile) and the model cycles (a model
+unloaded and loaded again through the repository API, many times: the memory a retired model
+leaves behind).
 
     python -m bench.stress soak --requests 50000
     python -m bench.stress overload --clients 64 --seconds 30
     python -m bench.stress overload --path /featuremaps --seconds 20 --timeout 10
     python -m bench.stress featurecost      # start-up, and what feature maps cost /classify
+    python -m bench.stress cycles --cycles 50 --model efficientnet_lite0
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ import random
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from bench.run import make_inputs, rss_mb, start_service, stop
+
+WARM_CYCLES = 5  # unload/load cycles before the memory that later ones must not grow is taken
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,72 @@ def featurecost(args: argparse.Namespace, inputs: Path) -> dict:
     return figures
 
 
+def post_empty(port: int, path: str) -> int:
+    """POST with an empty body (the repository API), on a fresh connection: the status."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def cycle_once(port: int, model: str, calls: list[Call]) -> list[int | str]:
+    """One unload and load of ``model`` through the repository API, then ``calls`` on it: every
+    status, in order."""
+    statuses: list[int | str] = [
+        post_empty(port, f"/v2/repository/models/{model}/unload"),
+        post_empty(port, f"/v2/repository/models/{model}/load"),
+    ]
+    connection = Connection(port)
+    statuses += [connection.send(call)[0] for call in calls]
+    connection.http.close()
+    return statuses
+
+
+def cycles(args: argparse.Namespace, inputs: Path) -> dict[str, Any]:
+    """``args.cycles`` unloads and loads of ``args.model`` on a server in explicit mode, each load
+    followed by a classification (and a feature-map request with ``args.featuremaps``, which
+    builds the model's second session): the resident memory when ready, once WARM_CYCLES cycles
+    have warmed the allocator up, and at the end. What a retired model keeps alive (sessions held
+    by a reference, threads never ended) shows as growth from the warm figure."""
+    photo = (inputs / "small.jpg").read_bytes()
+    calls = [Call("classify", "POST", f"/classify?model={args.model}", photo, "image/jpeg")]
+    if args.featuremaps:
+        calls.append(Call("featuremaps", "POST", f"/featuremaps?model={args.model}", photo, "image/jpeg"))
+    environment = {
+        "MALLOC_ARENA_MAX": "2",  # as the Dockerfile deploys it
+        "CNNSERVE_MODEL_CONTROL": "explicit",
+        "CNNSERVE_LOAD_MODELS": args.model,
+        "CNNSERVE_DEFAULT_MODEL": args.model,
+        "CNNSERVE_PROCESSES": str(args.processes),
+    }
+    port, server = start_service(environment)
+    statuses: Counter[str] = Counter()
+    samples = [(0, rss_mb(server.pid))]
+    try:
+        for cycle in tqdm(range(1, args.cycles + 1), desc=f"unload/load {args.model}", unit="cycle"):
+            statuses.update(str(status) for status in cycle_once(port, args.model, calls))
+            if cycle == min(WARM_CYCLES, args.cycles) or cycle == args.cycles or cycle % 10 == 0:
+                samples.append((cycle, rss_mb(server.pid)))
+    finally:
+        stop(server)
+    warm = next(mb for cycle, mb in samples if cycle == min(WARM_CYCLES, args.cycles))
+    return {
+        "model": args.model,
+        "cycles": args.cycles,
+        "processes": args.processes,
+        "featuremaps": args.featuremaps,
+        "statuses": dict(statuses),
+        "rss_mb": samples,
+        "rss_ready_mb": samples[0][1],
+        "rss_warm_mb": warm,
+        "rss_end_mb": samples[-1][1],
+        "growth_mb_after_warmup": samples[-1][1] - warm,
+        "growth_mb_from_ready": samples[-1][1] - samples[0][1],
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.stress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -248,7 +321,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     cost_args = runs.add_parser("featurecost", help="start-up, memory and /classify latency with feature maps")
     cost_args.add_argument("--requests", type=int, default=300)
-    for run in (soak_args, overload_args, cost_args):
+    cycle_args = runs.add_parser("cycles", help="unload and load a model many times; resident-memory growth")
+    cycle_args.add_argument("--cycles", type=int, default=50)
+    cycle_args.add_argument("--model", default="efficientnet_lite0")
+    cycle_args.add_argument("--processes", type=int, default=1, help="server processes (each loads the model)")
+    cycle_args.add_argument(
+        "--featuremaps", action="store_true", help="also a /featuremaps request after each load (its second session)"
+    )
+    for run in (soak_args, overload_args, cost_args, cycle_args):
         run.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
@@ -257,11 +337,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         make_inputs(Path(scratch))
-        figures = {"soak": soak, "overload": overload, "featurecost": featurecost}[args.run](args, Path(scratch))
+        runs = {"soak": soak, "overload": overload, "featurecost": featurecost, "cycles": cycles}
+        figures = runs[args.run](args, Path(scratch))
     text = json.dumps(figures, indent=2)
     print(text)
     if args.run == "soak":
         print(f"resident-memory growth over the last 20,000 requests: {figures['growth_mb_over_last_20000']:+.1f} MB")
+    if args.run == "cycles":
+        print(
+            f"resident memory over {args.cycles} unload/load cycles of {args.model}: {figures['rss_ready_mb']:.0f} MB "
+            f"ready, {figures['rss_warm_mb']:.0f} MB after {min(WARM_CYCLES, args.cycles)} cycles, "
+            f"{figures['rss_end_mb']:.0f} MB at the end: {figures['growth_mb_after_warmup']:+.1f} MB after warm-up"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

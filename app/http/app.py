@@ -22,6 +22,7 @@ from app.http.middleware.metrics import RequestMetrics
 from app.http.middleware.rebalance import Rebalance
 from app.http.middleware.request_body import RequestBody
 from app.http.routes import classify, featuremaps, health, models, page, v2
+from app.http.routes import repository as repository_api
 from app.serving import services as wiring
 from app.serving.services import Services
 
@@ -142,6 +143,8 @@ def create_app(
     errors.install(app)
     for router in (classify.router, featuremaps.router, models.router, health.router, v2.router, page.router):
         app.include_router(router)
+    if services.control.managed:  # off (CNNSERVE_MODEL_CONTROL=none), its paths are unknown: 404
+        app.include_router(repository_api.router)
     app.mount("/static", page.static_files(), name="static")
     if settings.api_key is not None:
         app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())

@@ -96,7 +96,7 @@ def load(
     fingerprint = fingerprint_of(folder)
     spec = read_spec(folder, name)
     settings = settings.model_copy(update=spec.serving.given())
-    onnx_bytes = read_verified(folder / "model.onnx", spec.sha256)
+    onnx_bytes = read_verified(own_file(folder, "model.onnx"), spec.sha256)
     proto = parse_onnx(onnx_bytes)
     external = check_external_data(proto, folder)
     source = str(folder / "model.onnx") if external else onnx_bytes
@@ -207,7 +207,7 @@ def inspection(
         return None, None
 
     def build() -> FeatureMapSession:
-        fresh = onnx.load_from_string(read_verified(folder / "model.onnx", spec.sha256))
+        fresh = onnx.load_from_string(read_verified(own_file(folder, "model.onnx"), spec.sha256))
         if check_external_data(fresh, folder):
             onnx.external_data_helper.load_external_data_for_model(fresh, str(folder))
         return FeatureMapSession(fresh, spec, analysis, settings.providers, threads)
@@ -218,7 +218,7 @@ def inspection(
 def read_spec(folder: Path, name: str | None = None) -> ModelSpec:
     """model.json of ``folder``, which must name the model ``name`` (the folder's own by default)."""
     try:
-        raw = json.loads((folder / "model.json").read_text())
+        raw = json.loads(own_file(folder, "model.json").read_text())
         spec = ModelSpec.model_validate(raw)
     except FileNotFoundError:
         raise ModelRefused("model.json is missing") from None
@@ -230,6 +230,16 @@ def read_spec(folder: Path, name: str | None = None) -> ModelSpec:
     if spec.name != expected:
         raise ModelRefused(f"model.json names {spec.name!r} but the model is {expected!r}")
     return spec
+
+
+def own_file(folder: Path, filename: str) -> Path:
+    """``folder / filename``, refused if a symbolic link takes it out of the folder: nothing outside
+    the repository is read (a model.json linked to another JSON file would show that file's
+    contents in the reason it is refused)."""
+    path = folder / filename
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ModelRefused(f"{filename} lies outside the model folder (a symbolic link out)")
+    return path
 
 
 def read_verified(path: Path, expected_sha256: str) -> bytes:

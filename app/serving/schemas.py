@@ -40,7 +40,9 @@ class ServingPlan(BaseModel):
 class VersionStatus(BaseModel):
     version: str
     status: Literal["ready", "failed"]
-    reason: str | None = Field(None, description="why this version is not served")
+    reason: str | None = Field(
+        None, description="why this version is not served, or why a new copy of a served one was refused"
+    )
 
 
 class ModelInfo(BaseModel):

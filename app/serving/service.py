@@ -128,13 +128,16 @@ class Service:
     # -- readiness and metadata ------------------------------------------------------------
 
     def readiness(self) -> Readiness:
-        """Loaded, the default model served, and not shutting down: /readyz and the V2 probe."""
-        repository = self.repository
+        """Loaded, the default model served, and not shutting down: /readyz and the V2 probe. In
+        explicit mode the default model counts only if it is among those loaded at start: the
+        others are loaded on request, and a server waiting for one is ready for it."""
+        repository, settings = self.repository, self.settings
+        expects_default = settings.model_control != "explicit" or settings.default_model in settings.load_model_list
         if self.lifecycle.draining:
             status = "draining: shutting down"
         elif not repository.loaded:
             status = "loading"
-        elif self.settings.default_model not in repository.models:
+        elif expects_default and settings.default_model not in repository.models:
             status = "default model unavailable"
         else:
             status = "ready"
@@ -156,7 +159,7 @@ class Service:
         versions = self._versions(entry.name)
         if isinstance(entry, Refusal):
             return ModelInfo(name=entry.name, status="failed", reason=entry.reason, default=default, versions=versions)
-        spec, plan = entry.spec, entry.plan
+        spec, plan, settings = entry.spec, entry.plan, self.model_settings(entry)
         return ModelInfo(
             name=spec.name,
             status="ready",
@@ -184,28 +187,36 @@ class Service:
                 padded_batch=plan.pad_to,
                 alone_threads=plan.alone_threads,
                 inline_batch=plan.inline_batch,
-                max_batch_size=self.settings.max_batch_size,
-                max_queue=self.settings.max_queue,
+                max_batch_size=settings.max_batch_size,
+                max_queue=settings.max_queue,
             ),
         )
 
+    def model_settings(self, model: Model) -> Settings:
+        """The settings ``model`` was loaded with: model.json's ``serving`` over the global ones."""
+        return self.settings.model_copy(update=model.spec.serving.given())
+
     def _versions(self, name: str) -> list[VersionStatus]:
+        """Served versions, with the reason a new copy of one was refused while the copy loaded
+        before goes on serving (a broken change must be visible, not only in the log); then the
+        versions refused outright."""
         served = self.repository.versions.get(name, {})
         failed = self.repository.failed_versions.get(name, {})
-        return [VersionStatus(version=v, status="ready") for v in served] + [
+        return [VersionStatus(version=v, status="ready", reason=failed.get(v)) for v in served] + [
             VersionStatus(version=v, status="failed", reason=why) for v, why in failed.items() if v not in served
         ]
 
     def signature(self, name: str, version: str | None = None) -> Signature:
         model = self.repository.get(name, version)
+        settings = self.model_settings(model)
         return Signature(
             name=model.name,
             versions=list(self.repository.versions.get(model.name, {model.version: model})),
             input=model.input,
             output=model.output,
             max_batch_size=MAX_TENSOR_BATCH,
-            preferred_batch_size=self.settings.max_batch_size,
-            max_queue_delay_ms=self.settings.max_queue_delay_ms,
+            preferred_batch_size=settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
         )
 
     async def layers(self, name: str) -> LayerList:

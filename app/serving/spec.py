@@ -6,6 +6,7 @@ from it (``python -m app.serving.spec``) for the training side and for people wr
 
 from __future__ import annotations
 
+import itertools
 import json
 from functools import cached_property
 from typing import Any, Literal
@@ -86,10 +87,28 @@ class Accuracy(Strict):
     measured_with: str = Field(description="what ran the measurement, e.g. onnxruntime 1.32.0 on the exported file")
 
 
+POLICY_KINDS: dict[str, dict[str, Any]] = {
+    "latest": {"type": "integer"},
+    "all": {"const": True},
+    "specific": {"type": "array"},
+}
+POLICY_OF_ONE_KIND: dict[str, Any] = {
+    "not": {
+        "anyOf": [
+            {"required": [a, b], "properties": {a: POLICY_KINDS[a], b: POLICY_KINDS[b]}}
+            for a, b in itertools.combinations(POLICY_KINDS, 2)
+        ]
+    }
+}
+"""VersionPolicy._one_kind for the JSON Schema: no two of a number, true and a list."""
+
+
 class VersionPolicy(Strict):
     """Which numbered versions of a model are served, as Triton's version_policy: the newest N
     (``latest``, the default with N = 1), ``all``, or a ``specific`` list. A model kept flat (its
     model.onnx beside model.json) has the one version 1."""
+
+    model_config = ConfigDict(json_schema_extra=POLICY_OF_ONE_KIND)
 
     latest: int | None = Field(default=None, ge=1, description="serve the newest N versions")
     all: bool = Field(default=False, description="serve every version")

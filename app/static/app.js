@@ -46,8 +46,25 @@ async function loadModels() {
     state.models[model.name] = model;
     select.add(new Option(model.name, model.name, model.default, model.default));
   }
+  $("model-list").replaceChildren(...listing.models.map(modelItem));
   await chooseModel();
   say("Choose a photo to begin.");
+}
+
+// One line per model: each version and whether it serves; a refused one (or a refused new copy of
+// a version that goes on serving) says why, so that a broken change is seen here, not only in the log.
+function versionText(v) {
+  const name = v.version ? `version ${v.version}` : "new version";
+  if (v.status === "ready") return v.reason ? `${name} ready (a new copy was refused: ${v.reason})` : `${name} ready`;
+  return `${name} refused: ${v.reason}`;
+}
+
+function modelItem(model) {
+  const item = document.createElement("li");
+  const versions = model.versions.length ? model.versions.map(versionText).join("; ") : `refused: ${model.reason}`;
+  item.textContent = `${model.name}: ${versions}`;
+  item.classList.toggle("error", model.status !== "ready" || model.versions.some((v) => v.reason));
+  return item;
 }
 
 function chooseModel() {

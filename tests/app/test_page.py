@@ -47,6 +47,7 @@ def test_the_page_lists_the_models_with_the_default_chosen(page):
     expect(page.locator("#model")).to_have_value("efficientnet_lite0")
     names = page.locator("#model option").all_inner_texts()
     assert {"lenet5", "kernels", "efficientnet_lite0"} <= set(names)
+    expect(page.locator("#model-list")).to_contain_text("lenet5: version 1 ready")
 
 
 def test_a_photo_gives_bars_with_a_cat_feature_maps_and_a_cam(page, photos):

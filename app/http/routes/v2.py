@@ -22,6 +22,7 @@ from app.serving.service import Inference, Signature, Tensors
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 EXTENSIONS = ["classification", "binary_tensor_data"]
+REPOSITORY_EXTENSION = "model_repository"  # app/http/routes/repository.py, when models are managed
 PLATFORM = "onnxruntime_onnx"
 INLINE_BODY_BYTES = 64 * 1024  # parsing more than this would hold the event loop over a millisecond
 
@@ -43,7 +44,9 @@ def metadata(signature: Signature) -> dict[str, Any]:
 
 @router.get("", summary="Server metadata")
 async def server_metadata(request: Request) -> dict[str, Any]:
-    return {"name": "cnnserve", "version": request.app.version, "extensions": EXTENSIONS}
+    managed = services(request).control.managed
+    extensions = [*EXTENSIONS, REPOSITORY_EXTENSION] if managed else EXTENSIONS
+    return {"name": "cnnserve", "version": request.app.version, "extensions": extensions}
 
 
 @router.get("/health/live", summary="The server is alive")

@@ -39,7 +39,7 @@ tools:  ## install Debian's chromium (the page test) and wrk (the benchmark) if 
 
 test: $(VENV)/.dev dataset tools  ## run the test suite: the service's tests with torch blocked, then training and deployment
 	$(BIN)/python -m pytest -q -p tests.torchless tests/app
-	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py
+	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py tests/test_k8s.py
 
 lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 	$(BIN)/ruff check .

@@ -205,6 +205,11 @@ class ModelControl:
         if not self.managed:
             raise NotFound("the model repository API is off (CNNSERVE_MODEL_CONTROL=none)")
 
+    async def _load_here(self, name: str) -> None:
+        """Loads (or refuses) ``name`` in this process, as a poll or another process asked."""
+        retired = await asyncio.to_thread(self.repository.load_or_refuse, name)
+        await self.repository.retire(retired)
+
     async def _unload_here(self, name: str) -> None:
         retired = await asyncio.to_thread(self.repository.unload, name)
         await self.repository.retire(retired)
@@ -281,8 +286,7 @@ class ModelControl:
                 await self._unload_here(name)
         elif changed or asked:
             log.info("model folder %s is new or changed: loading it", name)
-            retired = await asyncio.to_thread(self.repository.load_or_refuse, name)
-            await self.repository.retire(retired)
+            await self._load_here(name)
 
     def _holds(self, name: str) -> bool:
         """Whether this process serves or refuses model ``name`` (either way, it can unload it)."""
@@ -310,8 +314,7 @@ class ModelControl:
         for name, count in sorted(wanted.items()):
             if self.applied.get(name) != count:
                 self.applied[name] = count
-                retired = await asyncio.to_thread(self.repository.load_or_refuse, name)
-                await self.repository.retire(retired)
+                await self._load_here(name)
         self.shared.applied[self.shared.index] = state["generation"]
 
 

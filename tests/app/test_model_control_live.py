@@ -177,19 +177,24 @@ def test_reloads_under_load_lose_no_request_and_give_no_error(tmp_path, bodies, 
 # -- several processes agree ---------------------------------------------------------------------
 
 
+def two_processes(repository: Path, control: str, **settings: str) -> dict[str, str]:
+    """The environment of two server processes on ``repository`` under model control ``control``."""
+    return {
+        "CNNSERVE_MODELS_DIR": str(repository),
+        "CNNSERVE_DEFAULT_MODEL": "lenet5",
+        "CNNSERVE_MODEL_CONTROL": control,
+        "CNNSERVE_PROCESSES": "2",
+        **settings,
+    }
+
+
 @pytest.fixture
 def two_explicit(tmp_path):
     """Two server processes in explicit mode, lenet5 and kernels loaded at start, and a model
     folder ``extra`` in the repository that is not; the server's log in a file."""
     repository = repository_of(tmp_path / "models", "lenet5", "kernels")
     copy_model("lenet5", repository, "extra")
-    environment = {
-        "CNNSERVE_MODELS_DIR": str(repository),
-        "CNNSERVE_DEFAULT_MODEL": "lenet5",
-        "CNNSERVE_MODEL_CONTROL": "explicit",
-        "CNNSERVE_LOAD_MODELS": "lenet5,kernels",
-        "CNNSERVE_PROCESSES": "2",
-    }
+    environment = two_processes(repository, "explicit", CNNSERVE_LOAD_MODELS="lenet5,kernels")
     log = tmp_path / "server.log"
     with log.open("w") as output, live_server(output=output, **environment) as (url, server):
         yield url, server, log
@@ -227,13 +232,7 @@ def test_a_replacement_process_serves_what_the_others_serve_not_the_start_up_set
 
 def test_in_poll_mode_every_process_serves_a_model_folder_copied_in(tmp_path):
     repository = repository_of(tmp_path / "models", "lenet5", "kernels")
-    environment = {
-        "CNNSERVE_MODELS_DIR": str(repository),
-        "CNNSERVE_DEFAULT_MODEL": "lenet5",
-        "CNNSERVE_MODEL_CONTROL": "poll",
-        "CNNSERVE_POLL_INTERVAL_S": "0.2",
-        "CNNSERVE_PROCESSES": "2",
-    }
+    environment = two_processes(repository, "poll", CNNSERVE_POLL_INTERVAL_S="0.2")
     with live_server(**environment) as (url, _):
         copy_model("lenet5", repository, "extra")
         eventually(lambda: everywhere(url, "extra", 200), "the copied model being served by every process")
@@ -245,13 +244,7 @@ def test_in_poll_mode_every_process_follows_the_api_too_a_replacement_included(t
     """An unload through the API holds in every process while the folder is unchanged: at each
     poll, and in a process that starts later; a load through the API reaches every process."""
     repository = repository_of(tmp_path / "models", "lenet5", "kernels")
-    environment = {
-        "CNNSERVE_MODELS_DIR": str(repository),
-        "CNNSERVE_DEFAULT_MODEL": "lenet5",
-        "CNNSERVE_MODEL_CONTROL": "poll",
-        "CNNSERVE_POLL_INTERVAL_S": "0.2",
-        "CNNSERVE_PROCESSES": "2",
-    }
+    environment = two_processes(repository, "poll", CNNSERVE_POLL_INTERVAL_S="0.2")
     log = tmp_path / "server.log"
     with log.open("w") as output, live_server(output=output, **environment) as (url, server):
         assert post(url, "/v2/repository/models/kernels/unload") == 200

@@ -8,6 +8,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # onnxruntime-gpu 1.27 and later are built for CUDA 13 and cuDNN 9: this base carries both.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
+# checkov:skip=CKV_DOCKER_7:The FROM lines name the ARGs above, whose defaults carry release tags (tests/test_deploy.py checks them); checkov does not resolve ARGs and takes an unresolved one for latest
 FROM ${PYTHON_IMAGE} AS cpu-build
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md /src/
@@ -41,10 +42,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     CNNSERVE_MODELS_DIR=/srv/models \
     CNNSERVE_HOST=0.0.0.0 \
     CNNSERVE_PORT=8000 \
+    CNNSERVE_GRPC_PORT=8001 \
     CNNSERVE_PROVIDERS=cpu \
     CNNSERVE_DRAIN_SECONDS=5
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["cnnserve", "probe", "/healthz"]
 CMD ["cnnserve", "serve"]
@@ -64,11 +66,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     CNNSERVE_MODELS_DIR=/srv/models \
     CNNSERVE_HOST=0.0.0.0 \
     CNNSERVE_PORT=8000 \
+    CNNSERVE_GRPC_PORT=8001 \
     CNNSERVE_PROVIDERS=cuda \
     CNNSERVE_MAX_BATCH_SIZE=32 \
     CNNSERVE_DRAIN_SECONDS=5
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["cnnserve", "probe", "/healthz"]
 CMD ["cnnserve", "serve"]

@@ -5,9 +5,18 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 FASHION_DIR := /usr/share/datasets/fashion-mnist
+DIGITS_PNG := /usr/share/doc/opencv-doc/examples/data/digits.png
 TRAINED := lenet5 alexnet googlenet resnet
+# tests/test_k8s.py: the KServe SDK's models (installed without the SDK's server dependencies, which
+# would pull pandas and grpcio-tools and downgrade python-dateutil), and checkov in a venv of its own
+# (it pins networkx, packaging and python-dateutil below what torch and scikit-image need). Pinned,
+# so the schema and the set of checks are fixed.
+KSERVE_VERSION := 0.21.0
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV := .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/.checkov-$(CHECKOV_VERSION)
 
-.PHONY: help serve test lint format install install-dev dataset tools models train export schema bench bench-gpu soak overload cycles clean
+.PHONY: help serve test lint format install install-dev dataset tools models train export schema grpc bench bench-gpu bench-grpc bench-ray soak overload cycles clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,25 +30,33 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,ray]'
+	$(BIN)/pip install -q --no-deps kserve==$(KSERVE_VERSION)
 	touch $@ $(VENV)/.serve
 
+$(CHECKOV):
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q checkov==$(CHECKOV_VERSION)
+	touch $@
+
 install: $(VENV)/.serve  ## install the service (no torch)
-install-dev: $(VENV)/.dev  ## install the service, training and test tools
+install-dev: $(VENV)/.dev $(CHECKOV)  ## install the service, training and test tools
 
 serve: $(VENV)/.serve  ## serve models/ on http://127.0.0.1:8000
 	$(BIN)/python -m app serve --host $(HOST) --port $(PORT)
 
-dataset:  ## install Fashion-MNIST from Debian (needs root)
+dataset:  ## install Fashion-MNIST and OpenCV's handwritten digits (opencv-doc: 96 MB download) from Debian (needs root)
 	@test -d $(FASHION_DIR) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	@test -f $(DIGITS_PNG) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends opencv-doc; }
 
 tools:  ## install Debian's chromium (the page test) and wrk (the benchmark) if missing (needs root)
 	@command -v chromium >/dev/null && command -v wrk >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk; }
 
-test: $(VENV)/.dev dataset tools  ## run the test suite: the service's tests with torch blocked, then training and deployment
+test: $(VENV)/.dev $(CHECKOV) dataset tools  ## run the test suite: the service's tests with torch blocked, then training, deployment and a two-node Ray cluster
 	$(BIN)/python -m pytest -q -p tests.torchless tests/app
-	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py tests/test_k8s.py
+	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py tests/test_k8s.py tests/test_ray.py
 
 lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 	$(BIN)/ruff check .
@@ -49,6 +66,9 @@ lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 
 bench: $(VENV)/.dev dataset tools  ## three deployments (serve; 1 process on 1 core; 1 on all cores) against a FastAPI peer and bare ONNX Runtime, and the goals met or missed (about 8 min)
 	$(BIN)/python -m bench.run
+
+bench-ray: $(VENV)/.dev tools  ## Ray Serve (ours and @serve.batch batching) against the native server, small JPEG at 1 and 8 connections (about 3 min)
+	$(BIN)/python -m bench.ray --out bench/results/ray.json
 
 bench-gpu: $(VENV)/.dev  ## on an NVIDIA GPU with onnxruntime-gpu: every model on CUDA, answers equal to the CPU's, the data plane at 1/8/32 at once (a few min)
 	$(BIN)/python -m bench.gpu --out bench/results/gpu.json
@@ -62,23 +82,36 @@ overload: $(VENV)/.dev dataset  ## 64 clients sending 12-megapixel photos for 30
 cycles: $(VENV)/.dev dataset  ## 50 unload/load cycles of EfficientNet-Lite0 through the repository API; resident-memory growth (about 3 min)
 	$(BIN)/python -m bench.stress cycles --cycles 50 --model efficientnet_lite0 --out bench/results/cycles.json
 
+bench-grpc: $(VENV)/.dev dataset tools  ## gRPC against HTTP binary V2 (one 224x224 tensor, 1 and 8 clients), then the CPU of a LeNet-5 request with traces off and on (about 6 min)
+	$(BIN)/python -m bench.grpc_vs_http --out bench/results/grpc.json protocols --seconds 6 --clients 1,8 --rounds 3
+	$(BIN)/python -m bench.grpc_vs_http --out bench/results/tracing.json cpu --requests 2000 --rounds 5
+
 format: $(VENV)/.dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-train: $(VENV)/.dev dataset  ## train the four Fashion-MNIST networks (about 50 min on 2 cores)
+train: $(VENV)/.dev dataset  ## train the four Fashion-MNIST networks and LeNet-5 on handwritten digits (about 52 min on 2 cores)
 	$(BIN)/python -m training.train --arch lenet5 --epochs 40 --lr 3e-3
 	$(BIN)/python -m training.train --arch alexnet --epochs 15
 	$(BIN)/python -m training.train --arch googlenet --epochs 18
 	$(BIN)/python -m training.train --arch resnet --epochs 24
+	$(BIN)/python -m training.digits_train --epochs 40 --seed 1
 
-export: $(VENV)/.dev dataset  ## export every model into models/, checked against PyTorch
-	for arch in $(TRAINED) kernels efficientnet_lite0; do $(BIN)/python -m training.export --arch $$arch || exit 1; done
+export: $(VENV)/.dev dataset  ## export every model into models/, checked against PyTorch; then what excites each channel
+	for arch in $(TRAINED) lenet5_digits kernels efficientnet_lite0; do $(BIN)/python -m training.export --arch $$arch || exit 1; done
+	$(BIN)/python -m training.exemplars --arch all
 
 models: train export  ## rebuild models/ from scratch: train, then export
 
 schema: $(VENV)/.serve  ## regenerate models/model.schema.json from app/serving/spec.py
 	$(BIN)/python -m app.serving.spec > models/model.schema.json
 
+# The messages' classes go into a descriptor pool of their own, not protobuf's default one, where
+# tritonclient.grpc (and KServe's SDK) register the same `inference.*` names: both in one process
+# (a test, a client beside the server) would otherwise refuse to import.
+grpc: $(VENV)/.dev  ## regenerate app/grpc/inference_pb2.py and .pyi from app/grpc/inference.proto (grpcio-tools)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. app/grpc/inference.proto
+	sed -i 's/_descriptor_pool.Default()/_descriptor_pool.DescriptorPool()/' app/grpc/inference_pb2.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) runs .pytest_cache .ruff_cache *.egg-info

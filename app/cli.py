@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from app.config import Settings
 
@@ -21,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve = commands.add_parser("serve", help="start the HTTP service")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, help="the Open Inference Protocol over gRPC (default 8001; 0: off)")
     serve.add_argument("--models-dir", help="model repository (default models/)")
     serve.add_argument("--default-model", help="model used when a request names none")
     serve.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="execution provider choice")
@@ -46,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="poll mode: seconds between looks at the repository (default 2)",
     )
+    add_ray_command(commands)
     classify = commands.add_parser("classify", help="classify image files with a running service, print the top-k")
     classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     classify.add_argument("--model", help="model name (default: the service's default model)")
@@ -60,6 +64,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def add_ray_command(commands: Any) -> None:
+    ray = commands.add_parser(
+        "ray",
+        help="serve on a Ray cluster: a Ray Serve deployment per model behind the same HTTP API (cnnserve[ray])",
+        description="Deploy every model of the repository as a Ray Serve deployment of its own (replicas, "
+        "autoscaling on requests in flight) behind one ingress that answers the same HTTP API as `cnnserve serve`, "
+        "then serve until interrupted. Needs `pip install 'cnnserve[ray]'` and the model folders on every node.",
+    )
+    ray.add_argument(
+        "--address", help="cluster to join: auto (one `ray start` made here), ray://HOST:10001; default: start one"
+    )
+    ray.add_argument("--host", help="address Ray's HTTP proxy binds (default 127.0.0.1)")
+    ray.add_argument("--port", type=int, help="port of Ray's HTTP proxy (default 8000)")
+    ray.add_argument("--models-dir", help="model repository, the same path on every node (default models/)")
+    ray.add_argument("--default-model", help="model used when a request names none")
+    ray.add_argument("--load-model", action="append", metavar="NAME", help="deploy only this model; repeat for several")
+    ray.add_argument("--replicas", type=int, help="replicas of each model; the least when autoscaling (default 1)")
+    ray.add_argument("--max-replicas", type=int, help="autoscale each model up to this many replicas (default: fixed)")
+    ray.add_argument(
+        "--target-ongoing-requests", type=float, help="autoscaling: requests in flight per replica (default 2)"
+    )
+    ray.add_argument(
+        "--max-replicas-per-node", type=int, help="most replicas of a model on one node (default: no limit)"
+    )
+    ray.add_argument("--replica-cpus", type=float, help="CPUs reserved for each model replica (default 1)")
+    ray.add_argument(
+        "--replica-resources", type=json.loads, metavar="JSON", help='custom resources of a replica: {"a": 1}'
+    )
+    ray.add_argument("--ingress-resources", type=json.loads, metavar="JSON", help="custom resources of the ingress")
+    ray.add_argument(
+        "--proxy-location", choices=["EveryNode", "HeadOnly"], help="where Ray runs HTTP proxies (default EveryNode)"
+    )
+
+
+def ray_settings_of(args: argparse.Namespace) -> Settings:
+    options = {
+        "ray_address": args.address,
+        "host": args.host,
+        "port": args.port,
+        "models_dir": args.models_dir,
+        "default_model": args.default_model,
+        "load_models": ",".join(args.load_model) if args.load_model else None,
+        "ray_replicas": args.replicas,
+        "ray_max_replicas": args.max_replicas,
+        "ray_target_ongoing_requests": args.target_ongoing_requests,
+        "ray_replica_cpus": args.replica_cpus,
+        "ray_max_replicas_per_node": args.max_replicas_per_node,
+        "ray_replica_resources": args.replica_resources,
+        "ray_ingress_resources": args.ingress_resources,
+        "ray_proxy_location": args.proxy_location,
+    }
+    return Settings(**{key: value for key, value in options.items() if value is not None})
+
+
+def serve_on_ray(args: argparse.Namespace) -> int:
+    try:
+        from app.rayserve.app import run
+    except ModuleNotFoundError as missing:
+        print(f"cnnserve ray needs Ray Serve ({missing}): pip install 'cnnserve[ray]'", file=sys.stderr)
+        return 2
+    run(ray_settings_of(args))
+    return 0
+
+
 def serve_settings_of(args: argparse.Namespace) -> Settings:
     """The options given on the command line over the CNNSERVE_* environment; ``--load-model``
     given several times becomes one comma-separated CNNSERVE_LOAD_MODELS."""
@@ -69,6 +137,7 @@ def serve_settings_of(args: argparse.Namespace) -> Settings:
         "providers": args.providers,
         "host": args.host,
         "port": args.port,
+        "grpc_port": args.grpc_port,
         "processes": args.processes,
         "model_control": args.model_control,
         "load_models": ",".join(args.load_model) if args.load_model else None,
@@ -143,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args)
     else:
-        sys.exit({"classify": classify, "models": list_models, "probe": probe}[args.command](args))
+        commands = {"classify": classify, "models": list_models, "probe": probe, "ray": serve_on_ray}
+        sys.exit(commands[args.command](args))
 
 
 if __name__ == "__main__":

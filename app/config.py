@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     )
     max_feature_channels: int = Field(256, ge=1, description="most channels one /featuremaps request returns")
     max_feature_values: int = Field(1_000_000, ge=1, description="most raw values one JSON feature-map response holds")
+    max_explain_passes: int = Field(
+        512, ge=1, description="most forward passes one /explain request may cost (Score-CAM, Ablation-CAM, occlusion)"
+    )
     api_key: SecretStr | None = Field(
         None, description="when set, every endpoint but the probes needs 'Authorization: Bearer KEY' or 'X-API-Key'"
     )
@@ -75,6 +78,46 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (cnnserve serve); 0: no gRPC"
+    )
+    grpc_max_message_bytes: int = Field(
+        0, ge=0, description="largest gRPC message either way (RESOURCE_EXHAUSTED above); 0: CNNSERVE_MAX_BODY_BYTES"
+    )
+    # Ray Serve (cnnserve ray; app/rayserve/): each model a deployment of its own
+    ray_address: str = Field("", description="Ray cluster to join: auto, ray://HOST:10001; empty: start one here")
+    ray_replicas: int = Field(1, ge=1, le=256, description="replicas of each model (the least, when autoscaling)")
+    ray_max_replicas: int = Field(
+        0, ge=0, le=256, description="above ray_replicas: autoscale each model up to this many replicas; 0: fixed"
+    )
+    ray_target_ongoing_requests: float = Field(
+        2.0, gt=0, description="autoscaling: requests in flight per replica that Ray aims for"
+    )
+    ray_upscale_delay_s: float = Field(
+        5.0, ge=0, description="autoscaling: load held this long before a replica is added"
+    )
+    ray_downscale_delay_s: float = Field(
+        60.0, ge=0, description="autoscaling: load gone this long before a replica is removed"
+    )
+    ray_replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each model replica (its threads)")
+    ray_replica_resources: dict[str, float] = Field(
+        default_factory=dict, description='custom Ray resources each model replica needs, JSON: {"gpu_node": 1}'
+    )
+    ray_max_replicas_per_node: int = Field(
+        0, ge=0, le=100, description="most replicas of one model on one Ray node (1 spreads them); 0: no limit"
+    )
+    ray_ingress_replicas: int = Field(1, ge=1, le=256, description="replicas of the HTTP ingress deployment")
+    ray_ingress_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each ingress replica needs, JSON"
+    )
+    ray_throughput_optimized: bool = Field(
+        True,
+        description="Ray Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, RAY_SERVE_ENABLE_HA_PROXY=1) "
+        "for a cluster cnnserve ray starts; set them on `ray start` for a cluster it joins",
+    )
+    ray_proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Ray Serve runs its HTTP proxies, at host:port (HeadOnly: one machine's nodes)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("api_key", mode="before")
@@ -87,6 +130,10 @@ class Settings(BaseSettings):
     @property
     def load_model_list(self) -> list[str]:
         return [name.strip() for name in self.load_models.split(",") if name.strip()]
+
+    @property
+    def grpc_message_limit(self) -> int:
+        return self.grpc_max_message_bytes or self.max_body_bytes
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -20,13 +20,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "cnnserve_requests",
-            "HTTP requests by endpoint, model and status code.",
-            ["endpoint", "model", "status"],
+            "Requests by endpoint, model, status (the HTTP status, or the gRPC code's name) and protocol (http, grpc).",
+            ["endpoint", "model", "status", "protocol"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "cnnserve_request_duration_seconds",
-            "HTTP request latency, receipt to last byte.",
+            "Request latency, receipt to last byte (gRPC calls by their method's path).",
             ["endpoint", "model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

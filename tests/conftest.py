@@ -112,7 +112,8 @@ def live_server(output: int = subprocess.DEVNULL, **env: str) -> Iterator[tuple[
     """A real ``python -m app serve`` process on a free loopback port, ready when yielded and
     stopped with SIGTERM (if the test has not stopped it already) afterwards."""
     port = free_port()
-    environment = {**os.environ, "CNNSERVE_PORT": str(port), "PYTHONUNBUFFERED": "1", **env}
+    # no gRPC unless a test asks for it: the default port 8001 may be another server's
+    environment = {**os.environ, "CNNSERVE_PORT": str(port), "CNNSERVE_GRPC_PORT": "0", "PYTHONUNBUFFERED": "1", **env}
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"],
         cwd=ROOT,

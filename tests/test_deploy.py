@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as triton_grpc
 import yaml
 
+from app import tracing
 from app.config import Settings
 
 from .conftest import ROOT, free_port, wait_ready
@@ -85,6 +87,16 @@ def test_the_gpu_image_swaps_in_onnxruntime_gpu_on_a_matching_cuda_base():
     assert cuda and int(cuda.group(1)) == 13, "onnxruntime-gpu 1.27+ is built for CUDA 13 with cuDNN"
 
 
+def test_every_stage_starts_from_a_base_image_pinned_to_a_release_tag():
+    """checkov does not resolve `FROM ${ARG}` (the Dockerfile skips its CKV_DOCKER_7 for that reason):
+    the ARG defaults are what carry the tags, so they are checked here."""
+    images = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE))
+    assert {stage.base for stage in STAGES.values()} == {f"${{{name}}}" for name in images}
+    for image in images.values():
+        name, _, tag = image.rpartition(":")
+        assert name and re.match(r"\d+\.\d+", tag), f"{image}: a release tag, not latest"
+
+
 def test_every_setting_the_images_and_compose_set_is_a_real_setting():
     names = {f"CNNSERVE_{name.upper()}" for name in Settings.model_fields}
     image_settings = {k for s in ("cpu", "gpu") for k in STAGES[s].env() if k.startswith("CNNSERVE_")}
@@ -111,12 +123,80 @@ def test_compose_offers_gpu_cpu_and_scaled_out_profiles_on_the_image_targets():
             assert service["healthcheck"]["test"][:2] == ["CMD", "cnnserve"]
 
 
-def test_the_balancer_proxies_to_the_replica_service():
+def image_ports(target: str) -> dict[str, int]:
+    env = STAGES[target].env()
+    return {"http": int(env["CNNSERVE_PORT"]), "grpc": int(env["CNNSERVE_GRPC_PORT"])}
+
+
+def published(service: dict) -> list[tuple[str, int]]:
+    """A service's `ports` as (host part, container port)."""
+    return [(port.rpartition(":")[0], int(port.rpartition(":")[2])) for port in service["ports"]]
+
+
+def test_each_image_exposes_the_http_and_grpc_ports_its_settings_name():
+    for name in ("cpu", "gpu"):
+        exposed = {int(port) for argument in STAGES[name].all("EXPOSE") for port in argument.split()}
+        assert exposed == set(image_ports(name).values()) == {8000, 8001}
+
+
+def test_compose_publishes_http_and_grpc_on_loopback_on_the_same_host_ports_in_every_profile():
+    hosts = ["127.0.0.1:${CNNSERVE_PUBLISH_PORT:-8000}", "127.0.0.1:${CNNSERVE_GRPC_PUBLISH_PORT:-8001}"]
+    for name in ("cnnserve-cpu", "cnnserve-gpu", "balancer"):
+        assert [host for host, _ in published(COMPOSE["services"][name])] == hosts
+    for name in ("cnnserve-cpu", "cnnserve-gpu"):
+        service = COMPOSE["services"][name]
+        assert [port for _, port in published(service)] == list(image_ports(service["build"]["target"]).values())
+
+
+def nginx_servers(nginx: str) -> list[str]:
+    """The text of each `server { ... }` block (their locations' braces included)."""
+    blocks, depth, start = [], 0, 0
+    for match in re.finditer(r"server\s*\{|\{|\}", nginx):
+        if match.group().startswith("server") and depth == 1:
+            start, depth = match.start(), depth + 1
+        elif match.group() == "{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 1 and start:
+                blocks.append(nginx[start : match.end()])
+                start = 0
+    return blocks
+
+
+def test_the_balancer_proxies_http_and_grpc_to_the_replica_service():
     nginx = (ROOT / "deploy" / "nginx.conf").read_text()
     balancer = COMPOSE["services"]["balancer"]
-    assert "replica" in balancer["depends_on"] and COMPOSE["services"]["replica"]["deploy"]["replicas"] >= 2
-    assert re.search(r"server replica:8000 resolve;", nginx)
-    assert balancer["ports"][0].endswith(":8080") and "listen 8080;" in nginx
+    replica = COMPOSE["services"]["replica"]
+    assert "replica" in balancer["depends_on"] and replica["deploy"]["replicas"] >= 2
+    ports = image_ports(replica["build"]["target"])
+    upstreams = dict(re.findall(r"upstream (\w+) \{[^}]*?server replica:(\d+) resolve;", nginx))
+    assert sorted(map(int, upstreams.values())) == sorted(ports.values())
+    http, grpc = nginx_servers(nginx)
+    # What compose publishes is what each server listens on, and each passes to the right upstream.
+    assert [port for _, port in published(balancer)] == [
+        int(re.search(r"listen (\d+);", server)[1]) for server in (http, grpc)
+    ]
+    assert int(upstreams[re.search(r"proxy_pass http://(\w+);", http)[1]]) == ports["http"]
+    assert int(upstreams[re.search(r"grpc_pass grpc://(\w+);", grpc)[1]]) == ports["grpc"]
+    assert re.search(r"^\s*http2 on;", grpc, re.MULTILINE), "gRPC clients speak HTTP/2 without TLS (h2c)"
+    # nginx must not refuse what the service would take: a gRPC message is the request's body.
+    settings = Settings()
+    for server in (http, grpc):
+        size = re.search(r"client_max_body_size (\d+)m;", server)
+        assert size and int(size[1]) * 2**20 >= max(settings.max_body_bytes, settings.grpc_message_limit)
+
+
+def test_compose_exports_traces_only_when_an_endpoint_is_given():
+    """OTEL_EXPORTER_OTLP_ENDPOINT reaches every container, empty by default: the service's own
+    reading of the variables must find traces off then, and on with an endpoint."""
+    for name in ("cnnserve-cpu", "cnnserve-gpu", "replica"):
+        environment = COMPOSE["services"][name]["environment"]
+        assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+        otel = {key for key in environment if key.startswith("OTEL_")}
+        assert otel == {"OTEL_EXPORTER_OTLP_ENDPOINT"}
+    assert not tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": ""})
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +230,13 @@ def test_the_images_install_and_start_commands_serve_ready_models(image_root):
     runtime = STAGES["cpu"]
     venv_bin = str(image_root / "venv" / "bin")
     env = {key: value.replace("/opt/venv", str(image_root / "venv")) for key, value in runtime.env().items()}
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env |= {
         "PATH": env["PATH"].replace("$PATH", os.environ["PATH"]),
         "CNNSERVE_MODELS_DIR": str(ROOT / "models"),  # the image's COPY models /srv/models
         "CNNSERVE_HOST": "127.0.0.1",  # the image listens on 0.0.0.0; tests stay on loopback
         "CNNSERVE_PORT": str(port),
+        "CNNSERVE_GRPC_PORT": str(grpc_port),  # the image's 8001, on a free port here
     }
     site = next((image_root / "venv" / "lib").glob("python*/site-packages"))
     assert not (site / "torch").exists(), "the runtime environment must not hold torch"
@@ -166,6 +247,12 @@ def test_the_images_install_and_start_commands_serve_ready_models(image_root):
         probe = json.loads(runtime.all("HEALTHCHECK")[-1].split("CMD", 1)[1])
         assert subprocess.run(probe, env=env, timeout=30).returncode == 0
         assert shutil.which("cnnserve", path=venv_bin)
+        # Ready over HTTP means every process has bound the gRPC port too (the probes rely on it).
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        try:
+            assert client.is_server_ready() and client.is_model_ready(Settings.model_fields["default_model"].default)
+        finally:
+            client.close()
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from training import data, nets, photos, pretrained, train
+from training import data, digits, digits_train, nets, photos, pretrained, train
 
 log = logging.getLogger("training.export")
 
@@ -175,6 +175,36 @@ def export_trained(arch: str, checkpoint: Path, models_dir: Path, data_dir: Path
     return export_checked(model, inputs, models_dir, spec, accuracy_on=(labels, "Fashion-MNIST"))
 
 
+def export_digits(checkpoint: Path, models_dir: Path, sheet: Path) -> Path:
+    """LeNet-5 on OpenCV's digits, measured on the 1,000 held-out digits, with the digit
+    normalisation in model.json so that the service turns photos and drawings into such fields."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = nets.create(saved["arch"])
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    _, test = digits.load_splits(sheet)
+    command = digits_train.command(saved)
+    spec = {
+        "name": digits.NAME,
+        "description": "LeNet-5 on handwritten digits (OpenCV's digits.png, 4,000 training digits); photos and "
+        "drawings are made white on black, cropped, scaled to 20x20 and centred by mass in 28x28, as MNIST was.",
+        "input": digits.INPUT,
+        "output": {"name": "logits", "kind": "logits"},
+        "labels": digits.LABELS,
+        "source": {
+            "architecture": type(model).__name__,
+            "dataset": "OpenCV digits.png (Debian opencv-doc), 1,000 held out",
+            "command": f"{command} && python -m training.export --arch {digits.NAME}",
+            "framework": f"torch {torch.__version__}",
+        },
+    }
+    inputs = digits_train.normalise(test.images).numpy()
+    target = export_checked(model, inputs, models_dir, spec, accuracy_on=(test.labels, "OpenCV digits"))
+    confusion = digits_train.confusion(target / "model.onnx", inputs, test.labels)
+    (target / "confusion.json").write_text(json.dumps(confusion, indent=1) + "\n")
+    return target
+
+
 def export_kernels(models_dir: Path) -> Path:
     model = nets.create("kernels").eval()
     inputs = photo_batch(KERNELS_INPUT)
@@ -272,12 +302,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "against PyTorch. Trained architectures read runs/ARCH/checkpoint.pt; 'kernels' and "
         "'efficientnet_lite0' need no training.",
     )
-    choices = sorted(set(nets.ARCHITECTURES) | {pretrained.NAME})
+    choices = sorted(set(nets.ARCHITECTURES) | {pretrained.NAME, digits.NAME})
     parser.add_argument("--arch", required=True, choices=choices)
     parser.add_argument("--checkpoint", type=Path, help="default: runs/ARCH/checkpoint.pt")
     parser.add_argument("--name", help="model name in the repository (default: the architecture)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--data-dir", type=Path, default=data.DEFAULT_DIR, help="MNIST-format test set")
+    parser.add_argument("--digits", type=Path, default=digits.DEFAULT_PATH, help=f"OpenCV's digits.png ({digits.NAME})")
     return parser.parse_args(argv)
 
 
@@ -292,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
             export_kernels(args.models_dir)
         elif args.arch == pretrained.NAME:
             export_efficientnet(args.models_dir)
+        elif args.arch == digits.NAME:
+            checkpoint = args.checkpoint or Path("runs") / digits.NAME / "checkpoint.pt"
+            if not checkpoint.exists():
+                raise SystemExit(f"error: {checkpoint} not found; train first: python -m training.digits_train")
+            export_digits(checkpoint, args.models_dir, args.digits)
         else:
             checkpoint = args.checkpoint or Path("runs") / args.arch / "checkpoint.pt"
             if not checkpoint.exists():

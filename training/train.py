@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,13 +96,26 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
 
 def train(recipe: Recipe, data_dir: Path, out_dir: Path) -> History:
     generator = seed_everything(recipe.seed)
-    device = pick_device()
     train_split, test_split = data.load_split("train", data_dir), data.load_split("test", data_dir)
     if recipe.subset:
         train_split = data.Split(train_split.images[: recipe.subset], train_split.labels[: recipe.subset])
     x_train, y_train = normalise(train_split.images), torch.from_numpy(train_split.labels)
     x_test, y_test = normalise(test_split.images), torch.from_numpy(test_split.labels)
+    return fit(recipe, (x_train, y_train), (x_test, y_test), out_dir, generator=generator)
 
+
+def fit(
+    recipe: Recipe,
+    train_set: tuple[torch.Tensor, torch.Tensor],
+    test_set: tuple[torch.Tensor, torch.Tensor],
+    out_dir: Path,
+    *,
+    generator: torch.Generator,
+    augmenter: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+) -> History:
+    """The loop on tensors already normalised, so another dataset and its own augmentation can use it."""
+    device = pick_device()
+    (x_train, y_train), (x_test, y_test) = train_set, test_set
     model = nets.create(recipe.arch).to(device, memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * ((len(x_train) + recipe.batch_size - 1) // recipe.batch_size)
@@ -111,7 +125,9 @@ def train(recipe: Recipe, data_dir: Path, out_dir: Path) -> History:
     history = History()
     for epoch in range(1, recipe.epochs + 1):
         started = time.perf_counter()
-        train_loss = train_epoch(model, optimiser, schedule, x_train, y_train, recipe, device, generator, epoch)
+        train_loss = train_epoch(
+            model, optimiser, schedule, x_train, y_train, recipe, device, generator, epoch, augmenter
+        )
         test_loss, accuracy = evaluate(model, x_test, y_test, device)
         history.epochs.append(epoch)
         history.train_loss.append(train_loss)
@@ -131,7 +147,7 @@ def train(recipe: Recipe, data_dir: Path, out_dir: Path) -> History:
     return history
 
 
-def train_epoch(model, optimiser, schedule, x, y, recipe: Recipe, device, generator, epoch: int) -> float:
+def train_epoch(model, optimiser, schedule, x, y, recipe: Recipe, device, generator, epoch: int, augmenter) -> float:
     model.train()
     order = torch.randperm(len(x), generator=generator)
     total, seen = 0.0, 0
@@ -139,7 +155,7 @@ def train_epoch(model, optimiser, schedule, x, y, recipe: Recipe, device, genera
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16)
     for start in bar:
         index = order[start : start + recipe.batch_size]
-        xb = augment(x[index], generator).to(device).contiguous(memory_format=torch.channels_last)
+        xb = augmenter(x[index], generator).to(device).contiguous(memory_format=torch.channels_last)
         yb = y[index].to(device)
         with autocast:
             loss = F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)

@@ -14,14 +14,17 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.telemetry import TelemetryConfig
 
+from app import tracing
 from app.config import Settings
 from app.http import errors
 from app.http.middleware.access import ApiKey
 from app.http.middleware.metrics import RequestMetrics
 from app.http.middleware.rebalance import Rebalance
 from app.http.middleware.request_body import RequestBody
-from app.http.routes import classify, featuremaps, health, models, page, v2
+from app.http.middleware.request_id import RequestId
+from app.http.routes import classify, explain, featuremaps, health, models, page, v2
 from app.http.routes import repository as repository_api
 from app.serving import services as wiring
 from app.serving.services import Services
@@ -30,7 +33,16 @@ log = logging.getLogger("cnnserve")
 
 VERSION = "0.1.0"
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young-generation collections (CPython's default: 700)
-EXPOSED_HEADERS = ["Retry-After", "X-Layer", "X-Shape", "X-Channels", "X-Class-Index", "X-Class-Label", "X-Class-Score"]
+EXPOSED_HEADERS = [
+    "Retry-After",
+    "X-Request-ID",
+    "X-Layer",
+    "X-Shape",
+    "X-Channels",
+    "X-Class-Index",
+    "X-Class-Label",
+    "X-Class-Score",
+]
 
 DESCRIPTION = """CNN image classifiers from the model repository, on ONNX Runtime.
 
@@ -43,7 +55,10 @@ with a 4xx a client can act on.
 def configure_logging(level: str) -> None:
     if not log.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s%(request)s")
+        )
+        handler.addFilter(tracing.RequestIdFilter())
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level.upper())
@@ -61,19 +76,20 @@ def settle_garbage_collector() -> None:
 async def load_models(services: Services) -> None:
     """Load in a worker thread, so that the event loop goes on meanwhile (answering /healthz, and
     /readyz with 503, unless the process loads before it serves: ``lifespan_of``)."""
-    settings, repository = services.settings, services.repository
+    settings, service = services.settings, services.service
     started = time.perf_counter()
     await asyncio.to_thread(services.control.load_initial)
     settle_garbage_collector()
+    readiness = service.readiness()
     log.info(
         "%d model(s) loaded, %d refused, in %.2f s from %s (model control: %s); default model %s is %s",
-        len(repository.models),
-        len(repository.refused),
+        readiness.models_loaded,
+        readiness.models_failed,
         time.perf_counter() - started,
         settings.models_dir,
         settings.model_control,
         settings.default_model,
-        "ready" if settings.default_model in repository.models else "NOT available",
+        "ready" if service.serves(settings.default_model) else "NOT available",
     )
 
 
@@ -85,7 +101,28 @@ async def watch_after(loading: asyncio.Task[None], services: Services) -> None:
         await services.control.run()
 
 
-def lifespan_of(services: Services, load_first: bool = False) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def telemetry() -> TelemetryConfig:
+    """FastAPI's own OpenTelemetry: the HTTP server span (continuing the caller's traceparent)
+    when app/tracing.py traces, else nothing at all: left on, FastAPI asks whether OpenTelemetry
+    is configured on every request (3% of a LeNet-5 request)."""
+    on = tracing.enabled()
+    return {
+        "tracer_provider": tracing.provider(),
+        "tracing": on,
+        "metrics": False,
+        "logs": False,
+        "operation_spans": False,
+        "auto_configure": False,
+    }
+
+
+Companion = Callable[[], AbstractAsyncContextManager[object]]
+"""What else serves beside the HTTP app, in its event loop, for as long as it serves (gRPC)."""
+
+
+def lifespan_of(
+    services: Services, load_first: bool = False, companion: Companion | None = None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Load the models while serving (the default), or, with ``load_first``, before: uvicorn
     accepts connections only once the lifespan has started.
 
@@ -101,7 +138,8 @@ def lifespan_of(services: Services, load_first: bool = False) -> Callable[[FastA
     raised at shutdown either way, the process serving its 503s meanwhile.
 
     After the loading, a second task watches the repository (app/serving/control.py) until
-    shutdown cancels it."""
+    shutdown cancels it. A ``companion`` (the gRPC server) serves from the start as HTTP does, and
+    stops, letting its calls in flight finish, before the repository closes."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -110,7 +148,8 @@ def lifespan_of(services: Services, load_first: bool = False) -> Callable[[FastA
             await asyncio.wait([loading])
         watching = asyncio.create_task(watch_after(loading, services))
         try:
-            yield
+            async with companion() if companion else contextlib.nullcontext():
+                yield
         finally:
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -127,21 +166,29 @@ def create_app(
     *,
     crowded: Callable[[], bool] | None = None,
     load_first: bool = False,
+    companion: Companion | None = None,
 ) -> FastAPI:
     """The app over ``services`` (built from ``settings``, by default from the environment, when
     not given); ``crowded`` says when this process should send a keep-alive client away;
-    ``load_first`` holds connections back until the models are loaded (``lifespan_of``)."""
+    ``load_first`` holds connections back until the models are loaded (``lifespan_of``);
+    ``companion`` serves beside it for as long as it serves (gRPC, from app/process/server.py)."""
     if services is not None and settings is not None and settings is not services.settings:
         raise ValueError("create_app takes settings or services built from them, not both")
     settings = services.settings if services else (settings or Settings())
     services = services or wiring.build(settings)
     configure_logging(settings.log_level)
+    tracing.configure_from_environment()
     app = FastAPI(
-        title="cnnserve", version=VERSION, description=DESCRIPTION, lifespan=lifespan_of(services, load_first)
+        title="cnnserve",
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan_of(services, load_first, companion),
+        telemetry=telemetry(),
     )
     app.state.services = services
     errors.install(app)
-    for router in (classify.router, featuremaps.router, models.router, health.router, v2.router, page.router):
+    routers = (classify, featuremaps, explain, models, health, v2, page)
+    for router in (r.router for r in routers):
         app.include_router(router)
     if services.control.managed:  # off (CNNSERVE_MODEL_CONTROL=none), its paths are unknown: 404
         app.include_router(repository_api.router)
@@ -161,4 +208,5 @@ def create_app(
     if crowded is not None:
         app.add_middleware(Rebalance, crowded=crowded, counter=services.metrics.rebalanced)
     app.add_middleware(RequestMetrics, services=services)
+    app.add_middleware(RequestId)  # outermost: every answer carries its id
     return app

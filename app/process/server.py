@@ -7,6 +7,7 @@ imported, before any of our code runs in the child.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -16,12 +17,14 @@ import threading
 from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
-from app import sizing
+from app import sizing, tracing
 from app.config import Settings
+from app.grpc.server import serving as serving_grpc
 from app.http.app import configure_logging, create_app
 from app.process.supervisor import Supervisor
 from app.process.topology import ConnectionShare, Slot, listening_sockets
@@ -81,18 +84,33 @@ def run_server(
         shared = Shared(slot.models_state, slot.models_applied, slot.index)
     services = wiring.build(settings, processes, activity, shared)
     share = ConnectionShare(slot.connections, slot.index) if slot is not None else None
-    app = create_app(services=services, crowded=share.crowded if share else None, load_first=replacing)
+    grpc = partial(serving_grpc, services, processes)  # in the same event loop, on CNNSERVE_GRPC_PORT
+    crowded = share.crowded if share else None
+    app = create_app(services=services, crowded=crowded, load_first=replacing, companion=grpc)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=uvicorn_logging(),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     server = DrainingServer(config, services, share)
     server.run(sockets)
+    tracing.shutdown()  # what is still buffered is exported before the process ends
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def uvicorn_logging() -> dict[str, Any]:
+    """uvicorn's logging, with each request's id at the end of its access line (app/tracing.py)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["filters"] = {"request_id": {"()": "app.tracing.RequestIdFilter"}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["request_id"]
+    for formatter in config["formatters"].values():
+        formatter["fmt"] += "%(request)s"
+    return config
 
 
 def serve(settings: Settings) -> None:

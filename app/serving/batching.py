@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from app import tracing
 from app.metrics import Metrics
 from app.serving.activity import Activity
 from app.serving.errors import DeadlineExceeded, Overloaded
@@ -67,6 +68,7 @@ class Pending:
     loop: asyncio.AbstractEventLoop
     deadline: float
     queued: float = field(default_factory=time.perf_counter)
+    trace: tracing.Waiting | None = None  # its request's trace, when tracing is on
 
     @property
     def images(self) -> int:
@@ -135,8 +137,10 @@ class Batcher:
         run_alone: Callable[[np.ndarray], np.ndarray] | None = None,
         activity: Activity | None = None,
         inline_batch: int = 0,
+        provider: str = "",
     ) -> None:
         self.name = name
+        self.provider = provider  # the execution provider its session got, for traces
         self.run = run
         self.run_alone = run_alone  # every core's threads, for a batch alone on the machine
         self.activity = activity or Activity()
@@ -168,7 +172,7 @@ class Batcher:
             self.metrics.rejected.labels(self.name).inc()
             raise Overloaded(self.name, self.retry_after())
         loop = asyncio.get_running_loop()
-        pending = Pending(work, loop.create_future(), loop, time.perf_counter() + timeout)
+        pending = Pending(work, loop.create_future(), loop, time.perf_counter() + timeout, trace=tracing.waiting())
         self.inbox.put(pending)
         return pending.future
 
@@ -291,9 +295,11 @@ class Batcher:
         return decoded
 
     def _run(self, taken: list[Pending]) -> None:
+        taken_at = tracing.now()
         live = self._decoded(taken)
         if not live:
             return
+        decoded_at = tracing.now()
         started = time.perf_counter()
         try:
             batch = np.concatenate([images for _, images in live]) if len(live) > 1 else live[0][1]
@@ -306,11 +312,15 @@ class Batcher:
         self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * elapsed
         self.observe_inference(elapsed)
         self.observe_batch(len(batch))
+        if taken_at:  # recorded before the answers go back, so that a request's trace is whole when it ends
+            traces = [(pending.trace, callable(pending.work)) for pending, _ in live]
+            self._trace(len(batch), traces, taken_at, decoded_at)
         _post(live[0][0].loop, self._hand_back, live, output)
 
     def _run_inline(self, batch: np.ndarray) -> asyncio.Future[np.ndarray]:
         """``batch`` run now, on the caller's thread (the event loop): the future is already done."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        taken_at = tracing.now()
         started = time.perf_counter()
         try:
             output = self.run(batch)
@@ -319,8 +329,16 @@ class Batcher:
             return future
         self.observe_inference(time.perf_counter() - started)
         self.observe_batch(len(batch))
+        if taken_at:
+            self._trace(len(batch), [(tracing.waiting(), False)], taken_at, taken_at)
         future.set_result(output)
         return future
+
+    def _trace(
+        self, images: int, requests: list[tuple[tracing.Waiting | None, bool]], taken: int, decoded: int
+    ) -> None:
+        times = tracing.BatchTimes(taken, decoded, tracing.now())
+        tracing.record_batch(self.name, self.provider, images, requests, times)
 
     def _infer(self, batch: np.ndarray, requests: int) -> np.ndarray:
         """The model's rows for ``batch`` (of ``requests`` requests): on every core's threads when

@@ -25,6 +25,18 @@ class ServingError(Exception):
             self.status = status
         self.headers: dict[str, str] = dict(headers or {})
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as it is, not rebuilt through ``__init__`` (whose arguments differ by class):
+        an error crosses processes when a Ray replica raises it and its ingress answers it."""
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(kind: type[ServingError], args: tuple[object, ...], state: dict[str, object]) -> ServingError:
+    error = kind.__new__(kind)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class BadRequest(ServingError):
     """The request is malformed: an undecodable image, a broken multipart body, a wrong tensor."""

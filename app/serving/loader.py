@@ -124,6 +124,7 @@ def load(
         run_alone=runner(alone, spec) if alone else None,
         activity=activity,
         inline_batch=plan.inline_batch,
+        provider=providers[0],
     )
     analysis, featuremaps = None, None
     if settings.featuremaps:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.serving import digits
 from app.serving.errors import BadRequest, PayloadTooLarge
 from app.serving.spec import InputSpec
 from app.sizing import INLINE_PIXELS
@@ -66,6 +67,8 @@ def finish(image: Image.Image, spec: InputSpec) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as error:
         raise BadRequest(f"the {image.format} image is truncated or corrupt: {error}") from None
+    if spec.digit is not None:  # a handwritten digit replaces resize and crop (app/serving/digits.py)
+        return digits.field(to_colour(image, spec.color), spec.digit, RESAMPLE[spec.interpolation])
     return geometry(to_colour(image, spec.color), spec)
 
 
@@ -96,6 +99,8 @@ def draft_for(image: Image.Image, spec: InputSpec) -> None:
     if image.format != "JPEG":
         return
     needed = DRAFT_MARGIN * (spec.resize or max(spec.height, spec.width))
+    if spec.digit is not None:
+        needed = max(needed, digits.DRAFT_PIXELS)
     image.draft(image.mode, (needed, needed))
 
 

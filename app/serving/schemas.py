@@ -88,6 +88,10 @@ class LayerInfo(BaseModel):
     folded_batchnorm: bool = False
     predicted_output: list[int] | None = Field(None, description="height, width from (N + 2P - F) / S + 1")
     formula: str | None = None
+    methods: list[str] = Field(
+        default_factory=list, description="the /explain methods that take this layer (occlusion needs none)"
+    )
+    passes: dict[str, int] = Field(default_factory=dict, description="forward passes each method costs here")
 
 
 class LayerList(BaseModel):
@@ -95,6 +99,54 @@ class LayerList(BaseModel):
     input_shape: list[int]
     cam: bool = Field(description="whether /cam can draw a class activation map for this model")
     layers: list[LayerInfo]
+    methods: list[str] = Field(default_factory=list, description="the /explain methods this model offers")
+    explain_layer: str | None = Field(None, description="the layer /explain uses when none is named")
+    max_passes: int | None = Field(None, description="most forward passes one /explain request may cost")
+
+
+class KernelResponse(BaseModel):
+    model: str
+    layer: LayerInfo
+    shape: list[int] = Field(description="output channels, input channels per group, height, width")
+    weights: list[list[list[list[float]]]]
+    bias: list[float] | None = None
+
+
+class Exemplar(BaseModel):
+    index: int = Field(description="the Fashion-MNIST test image's index")
+    activation: float = Field(description="the channel's largest value on this image (before the ReLU)")
+    position: list[int] = Field(description="y, x of that value in the layer's output")
+    box: list[int] = Field(description="its receptive field in the 28x28 image: top, left, bottom, right (exclusive)")
+    patch: str = Field(description="the image inside the box, a PNG data URL")
+    image: str = Field(description="the whole test image, a PNG data URL")
+
+
+class ExemplarResponse(BaseModel):
+    model: str
+    layer: str
+    channel: int
+    channels: int = Field(description="the layer's channel count")
+    receptive_field: int = Field(description="side of one position's receptive field, before clipping")
+    exemplars: list[Exemplar] = Field(description="the test images that excite the channel most, best first")
+
+
+class InputResponse(BaseModel):
+    model: str
+    shape: list[int] = Field(description="channels, height, width of the tensor the model is given")
+    mean: list[float] = Field(description="per channel, subtracted from the 0-255 pixels")
+    std: list[float] = Field(description="per channel, the pixels divided by it after the mean")
+    values: list[list[list[float]]] = Field(description="the normalised tensor, channels first")
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: str
+    layer: str | None = Field(description="the layer explained; null for occlusion, which works on the input")
+    class_index: int
+    label: str
+    score: float = Field(description="the class's probability on the unaltered image")
+    shape: list[int] = Field(description="height, width of the model's input")
+    map: list[list[float]] = Field(description="importance over the model's input (after resize and crop), in [0, 1]")
 
 
 class ChannelStats(BaseModel):

@@ -17,24 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import onnx
 
+from app import tracing
 from app.config import Settings
 from app.serving import postprocess, preprocess
 from app.serving.disconnect import Gone, unless_gone
 from app.serving.errors import BadRequest, InvalidParameter, NotFound, RequestTimeout
-from app.serving.inspect import layers, render
+from app.serving.inspect import exemplars, explain_run, kernels, layers, render
+from app.serving.inspect import explain as saliency
 from app.serving.inspect.featuremaps import FeatureMapSession
-from app.serving.loader import Model, Refusal, dims
+from app.serving.inspect.graph import Layer
+from app.serving.loader import Model, Refusal, dims, own_file, read_verified
 from app.serving.repository import Repository
 from app.serving.schemas import (
     ChannelStats,
     ClassifyResponse,
+    ExplainResponse,
     FeatureMapResponse,
+    InputResponse,
+    KernelResponse,
     LayerInfo,
     LayerList,
     ModelInfo,
@@ -43,6 +51,7 @@ from app.serving.schemas import (
     Tensor,
     VersionStatus,
 )
+from app.serving.spec import InputSpec
 
 T = TypeVar("T")
 Image = bytes | Callable[[], Awaitable[bytes]]
@@ -98,6 +107,32 @@ class ClassActivation:
 
 
 @dataclass(frozen=True)
+class ExplainRequest:
+    """What to explain and how: ``method`` one of saliency.METHODS; ``layer`` (default: the one the
+    head reads); ``window`` and ``stride`` of occlusion's square (default: a seventh of the input)."""
+
+    method: str = "gradcam"
+    layer: str | None = None
+    class_index: int | None = None
+    format: str = "png"
+    alpha: float = 0.5
+    window: int | None = None
+    stride: int | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    model: str
+    method: str
+    layer: str | None
+    class_index: int
+    label: str
+    score: float
+    body: bytes  # PNG (the map over the photo) or ExplainResponse as JSON
+    media_type: str
+
+
+@dataclass(frozen=True)
 class Signature:
     """A model's tensors and batching, as the Open Inference Protocol's metadata reports them."""
 
@@ -142,6 +177,10 @@ class Service:
         else:
             status = "ready"
         return Readiness(status == "ready", status, len(repository.models), len(repository.refused))
+
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a model served now (only those become metric labels)."""
+        return name in self.repository.models
 
     def model_ready(self, name: str, version: str | None = None) -> None:
         """Returns if the model can answer; raises the error that says why not."""
@@ -223,13 +262,28 @@ class Service:
         model = self.repository.get(name)
         with model.batcher.admission():
             session = await self._featuremap_session(model)
+            explainer = await self._explainer(model)
         spec = model.spec.input
+        default = saliency.default_layer(session.analysis, session)
         return LayerList(
             model=model.name,
             input_shape=[spec.channels, spec.height, spec.width],
             cam=session.analysis.cam is not None,
-            layers=[layers.describe(layer, session) for layer in session.analysis.layers],
+            layers=[self._layer_info(layer, session, explainer, spec) for layer in session.analysis.layers],
+            methods=[m for m in saliency.METHODS if m == "occlusion" or default is not None],
+            explain_layer=default.name if default else None,
+            max_passes=self.settings.max_explain_passes,
         )
+
+    def _layer_info(
+        self, layer: Layer, session: FeatureMapSession, explainer: saliency.Explainer, spec: InputSpec
+    ) -> LayerInfo:
+        shape = session.shapes[layer.tensor]
+        methods = explainer.methods(layer.tensor, shape)
+        info = layers.describe(layer, session)
+        info.methods = methods
+        info.passes = {m: saliency.passes(m, shape, saliency.Occlusion.default(spec), spec) for m in methods}
+        return info
 
     # -- inference -------------------------------------------------------------------------
 
@@ -240,13 +294,17 @@ class Service:
             raise InvalidParameter(f"top_k must be at most {self.settings.max_top_k}")
         model = self.repository.get(name, version)
         with model.batcher.admission():
+            started = tracing.now()
             data = await self._read(image)
             work = preprocess.checked(data, model.spec.input, self.settings.max_pixels)
             if callable(work) and model.plan.decode == "pool":
                 work = await _off_loop(work)
+            if not callable(work):  # decoded here; otherwise the model's worker records its decoding
+                tracing.record("decode", started)
             logits = await unless_gone(model.batcher.submit(work, model.timeout), gone)
-        predictions = postprocess.top_k(logits[0], model.spec.output.kind, top_k, model.spec.labels)
-        return ClassifyResponse(model=model.name, predictions=predictions)
+        with tracing.span("postprocess"):
+            predictions = postprocess.top_k(logits[0], model.spec.output.kind, top_k, model.spec.labels)
+            return ClassifyResponse(model=model.name, predictions=predictions)
 
     async def infer(
         self, name: str, inputs: TensorSource, *, version: str | None = None, gone: Gone | None = None
@@ -255,7 +313,8 @@ class Service:
         request is charged one image until its tensors are read, then its batch size."""
         model = self.repository.get(name, version)
         with model.batcher.admission() as ticket:
-            batch = _checked_tensor(model, await self._read(inputs))
+            with tracing.span("decode"):
+                batch = _checked_tensor(model, await self._read(inputs))
             ticket.charge(min(len(batch), model.plan.capacity))
             output = await unless_gone(model.batcher.submit(batch, model.timeout), gone)
         return Inference(model.name, model.version, model.output.name, output, model.spec.labels)
@@ -299,6 +358,15 @@ class Service:
             png = await _off_loop(lambda: _maps_png(maps, view))
             return FeatureMaps(model.name, info, shape, picked, png, "image/png")
 
+    async def given(self, name: str | None, image: Image, *, version: str | None = None) -> bytes:
+        """What the model is given, as a PNG: the picture after decoding, orientation, colour,
+        resize and crop (or a digit's normalisation), before mean and std; for /classify's answer
+        to be read against. Decoded in the thread pool, under admission like a classification."""
+        model = self.repository.get(name, version)
+        with model.batcher.admission():
+            opened = preprocess.open_checked(await self._read(image), self.settings.max_pixels)
+            return await _off_loop(lambda: render.png(preprocess.finish(opened, model.spec.input)))
+
     async def cam(
         self,
         name: str | None,
@@ -336,6 +404,180 @@ class Service:
         score = postprocess.probabilities(logits, model.spec.output.kind)[chosen]
         return ClassActivation(picture, chosen, labels[chosen], float(score))
 
+    async def explain(
+        self, name: str | None, image: Image, request: ExplainRequest, *, gone: Gone | None = None
+    ) -> Explanation:
+        """A saliency map by one of saliency.METHODS, its forward passes through the model's batcher
+        under one admission; refused (422) when they would exceed CNNSERVE_MAX_EXPLAIN_PASSES."""
+        model = self.repository.get(name)
+        labels, spec = model.spec.labels, model.spec.input
+        if request.class_index is not None and request.class_index >= len(labels):
+            raise InvalidParameter(f"class_index must be below {len(labels)}")
+        with model.batcher.admission(cost=model.plan.job_cost):
+            session = await self._featuremap_session(model)
+            explainer = await self._explainer(model)
+            layer, window = self._explain_target(model, session, explainer, request)
+            opened = preprocess.open_checked(await self._read(image), self.settings.max_pixels)
+
+            def first() -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
+                photo = preprocess.finish(opened, spec)
+                x = preprocess.to_tensor(photo, spec)
+                return photo, x, explainer.values(x)
+
+            photo, x, values = await unless_gone(model.batcher.call(first, model.timeout), gone)
+            output = values[explainer.output][0]
+            chosen = int(output.argmax()) if request.class_index is None else request.class_index
+            score = float(postprocess.probabilities(output, model.spec.output.kind)[chosen])
+            heat = await self._explain_map(model, explainer, request.method, layer, window, x, values, chosen, gone)
+            heat = await _off_loop(lambda: saliency.upsample(heat, spec, scale=True))
+            if request.format == "json":
+                body = ExplainResponse(
+                    model=model.name,
+                    method=request.method,
+                    layer=layer.name if layer else None,
+                    class_index=chosen,
+                    label=labels[chosen],
+                    score=score,
+                    shape=[spec.height, spec.width],
+                    map=np.round(heat, 4).tolist(),
+                ).model_dump_json()
+                media, content = "application/json", body.encode()
+            else:
+                media = "image/png"
+                content = await _off_loop(lambda: render.png(render.overlay(photo, heat, request.alpha)))
+        return Explanation(
+            model.name, request.method, layer.name if layer else None, chosen, labels[chosen], score, content, media
+        )
+
+    async def kernels(self, name: str, format: str = "png") -> tuple[bytes, str]:
+        """The first convolution's weights as a picture (PNG) or as KernelResponse JSON."""
+        model = self.repository.get(name)
+        with model.batcher.admission():
+            session = await self._featuremap_session(model)
+            explainer = await self._explainer(model)
+            layer = kernels.first_convolution(session.analysis.layers)
+            if layer is None:
+                raise NotFound(f"model {model.name!r} has no convolution")
+            try:
+                found, bias = kernels.weights(explainer.graph, layer)
+            except LookupError as error:
+                raise NotFound(str(error)) from None
+            if format == "json":
+                body = KernelResponse(
+                    model=model.name,
+                    layer=layers.describe(layer, session),
+                    shape=list(found.shape),
+                    weights=found.tolist(),
+                    bias=bias.tolist() if bias is not None else None,
+                )
+                return body.model_dump_json().encode(), "application/json"
+            return await _off_loop(lambda: render.png(kernels.picture(found))), "image/png"
+
+    async def exemplars(self, name: str, layer: str, channel: int, format: str = "json") -> tuple[bytes, str]:
+        """The test images that excite a channel most, from the files training/exemplars.py leaves
+        in the model folder: ExemplarResponse JSON or the patches in a 3 x 3 picture."""
+        model = self.repository.get(name)
+        with model.batcher.admission():
+            found = await _off_loop(lambda: exemplars.load(model.path))
+            if found is None:
+                raise NotFound(f"model {model.name!r} has no exemplars (python -m training.exemplars writes them)")
+            if format == "png":
+                return await _off_loop(lambda: exemplars.picture(found, model.name, layer, channel)), "image/png"
+            answer = await _off_loop(lambda: exemplars.answer(found, model.name, layer, channel))
+            return answer.model_dump_json().encode(), "application/json"
+
+    async def given_values(self, name: str | None, image: Image) -> InputResponse:
+        """The tensor the network is given for ``image`` (normalised, channels first): the numbers
+        the first convolution multiplies, for the page's lecture view. Under admission like given()."""
+        model = self.repository.get(name)
+        spec = model.spec.input
+        with model.batcher.admission():
+            opened = preprocess.open_checked(await self._read(image), self.settings.max_pixels)
+            tensor = (await _off_loop(lambda: preprocess.to_tensor(preprocess.finish(opened, spec), spec)))[0]
+        chw = tensor if spec.layout == "NCHW" else tensor.transpose(2, 0, 1)
+        values = np.round(chw.astype(np.float64), 5).tolist()
+        return InputResponse(model=model.name, shape=list(chw.shape), mean=spec.mean, std=spec.std, values=values)
+
+    def _explain_target(
+        self, model: Model, session: FeatureMapSession, explainer: saliency.Explainer, request: ExplainRequest
+    ) -> tuple[Layer | None, saliency.Occlusion]:
+        """The layer (None for occlusion) and occlusion's square, checked against the pass limit."""
+        spec = model.spec.input
+        window = saliency.Occlusion.default(spec)
+        if request.window is not None or request.stride is not None:
+            side = min(request.window or window.window, spec.height, spec.width)
+            window = saliency.Occlusion(side, request.stride or max(1, side // 2))
+        layer, shape = None, None
+        if request.method != "occlusion":
+            named = request.layer
+            layer = layers.pick(session, named) if named else saliency.default_layer(session.analysis, session)
+            if layer is None:
+                raise NotFound(f"model {model.name!r} has no layer {request.method} can explain")
+            shape = session.shapes[layer.tensor]
+            if request.method not in explainer.methods(layer.tensor, shape):
+                raise InvalidParameter(
+                    f"{request.method} does not apply to layer {layer.name!r}; GET /models/{model.name}/layers "
+                    "lists the methods each layer takes"
+                )
+        cost, limit = saliency.passes(request.method, shape, window, spec), self.settings.max_explain_passes
+        if cost > limit:
+            raise InvalidParameter(
+                f"{request.method} at this layer needs {cost} forward passes; the limit is {limit} "
+                "(CNNSERVE_MAX_EXPLAIN_PASSES): choose a layer with fewer channels, or for occlusion a larger stride"
+            )
+        return layer, window
+
+    async def _explain_map(
+        self,
+        model: Model,
+        explainer: saliency.Explainer,
+        method: str,
+        layer: Layer | None,
+        window: saliency.Occlusion,
+        x: np.ndarray,
+        values: dict[str, np.ndarray],
+        chosen: int,
+        gone: Gone | None,
+    ) -> np.ndarray:
+        """The map at the layer's resolution (the input's for occlusion)."""
+        kind, spec = model.spec.output.kind, model.spec.input
+        batch = self.model_settings(model).max_batch_size
+        chunk = batch * model.plan.workers
+        tensor = layer.tensor if layer is not None else ""  # every method but occlusion has a layer
+        if method == "gradcam":
+            work = model.batcher.call(lambda: saliency.gradcam(explainer, values, tensor, chosen), model.timeout)
+            return await unless_gone(work, gone)
+        if method == "eigencam":
+            return await _off_loop(lambda: saliency.eigencam(values[tensor][0]))
+        if method == "scorecam":
+            steps = saliency.scorecam(x, values[tensor][0], chosen, spec, kind, chunk)
+        elif method == "ablationcam":
+            tail = await model.batcher.call(lambda: explainer.tail(tensor), model.timeout)
+            full = float(values[explainer.output][0, chosen])
+            steps = saliency.ablationcam(values, tensor, tail.inputs, full, chosen, batch)
+        else:
+            base = float(postprocess.probabilities(values[explainer.output][0], kind)[chosen])
+            steps = saliency.occlusion(x, chosen, spec, kind, window, base, chunk)
+        return await explain_run.drive(steps, model, explainer, batch, gone)
+
+    async def _explainer(self, model: Model) -> saliency.Explainer:
+        """The model's Explainer, built on its worker threads the first time one is asked for."""
+        key = model.featuremaps
+        if key is None:
+            raise NotFound(f"model {model.name!r} offers no explanations (feature maps disabled, or its graph unread)")
+        found = _EXPLAINERS.get(key)
+        if found is not None:
+            return found
+
+        def build() -> saliency.Explainer:
+            proto = onnx.load_from_string(read_verified(own_file(model.path, "model.onnx"), model.spec.sha256))
+            if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
+                onnx.external_data_helper.load_external_data_for_model(proto, str(model.path))
+            return saliency.Explainer(proto, model.spec, self.settings.providers, model.plan.threads)
+
+        built = await model.batcher.call(build, model.timeout)
+        return _EXPLAINERS.setdefault(key, built)
+
     async def _read(self, source: bytes | T | Callable[[], Awaitable[bytes | T]]) -> Any:
         """What the request brings, read now that it is admitted, within the request timeout: a
         slow upload must not hold its model's capacity for ever. (HTTP bounds the body's time as
@@ -355,6 +597,10 @@ class Service:
         if model.featuremaps.built:
             return model.featuremaps.get()
         return await model.batcher.call(model.featuremaps.get, model.timeout)  # type: ignore[no-any-return]
+
+
+_EXPLAINERS: weakref.WeakKeyDictionary[object, saliency.Explainer] = weakref.WeakKeyDictionary()
+"""Each model's Explainer, kept as long as the model (its feature-map holder) lives."""
 
 
 async def _off_loop(work: Callable[[], T]) -> T:

@@ -21,6 +21,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DigitSpec(Strict):
+    """A photographed or drawn digit made into what an MNIST-style network was trained on, in
+    place of the resize and crop: ink made white on black (``invert``: ``auto`` when most of the
+    picture is light, or always, or never), levelled, cropped to its bounding box, scaled so its
+    longer side is ``box`` pixels, then centred by its centre of mass in a ``field`` x ``field``
+    square, as MNIST was made."""
+
+    invert: Literal["auto"] | bool = Field(default="auto", description="make dark ink on light paper white on black")
+    box: int = Field(default=20, gt=0, le=4096, description="the ink's longer side, in pixels")
+    field: int = Field(default=28, gt=0, le=4096, description="the square the digit is centred in")
+    centre: Literal["mass"] = Field(default="mass", description="what is put at the field's centre")
+
+
 class InputSpec(Strict):
     """How an image becomes the input tensor. Pixels are on the 0..255 scale before mean and std."""
 
@@ -38,6 +51,9 @@ class InputSpec(Strict):
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     mean: list[float] = Field(description="per channel, on the 0..255 pixel scale")
     std: list[float] = Field(description="per channel, on the 0..255 pixel scale")
+    digit: DigitSpec | None = Field(
+        default=None, description="handwritten-digit normalisation instead of resize and crop (gray, square input)"
+    )
 
     @model_validator(mode="after")
     def _one_value_per_channel(self) -> InputSpec:
@@ -48,7 +64,17 @@ class InputSpec(Strict):
             raise ValueError("std values must be positive")
         if self.resize is not None and self.resize < min(self.height, self.width):
             raise ValueError("resize must be at least the crop size")
+        if self.digit is not None:
+            self._digit_fits(self.digit)
         return self
+
+    def _digit_fits(self, digit: DigitSpec) -> None:
+        if self.color != "L" or self.resize is not None:
+            raise ValueError("digit needs colour mode L and no resize (it replaces resize and crop)")
+        if not self.height == self.width == digit.field:
+            raise ValueError(f"digit.field {digit.field} must equal height and width ({self.height}x{self.width})")
+        if digit.box > digit.field:
+            raise ValueError(f"digit.box {digit.box} must fit in digit.field {digit.field}")
 
     @property
     def channels(self) -> int:

@@ -72,7 +72,9 @@ function chooseModel() {
   const accuracy = model.accuracy ? ` · top-1 ${(model.accuracy.top1 * 100).toFixed(1)}% on ${model.accuracy.dataset}` : "";
   $("model-info").textContent = `${model.labels} classes · ${model.input.width}x${model.input.height} ${model.input.color} · ${model.provider}${accuracy}`;
   // A photo chosen while this model's layers are still being listed waits for them (run awaits this).
+  // A listing that arrives after another model was chosen is dropped: it would replace that model's layers.
   state.layersReady = call(`/models/${model.name}/layers`).then((r) => r.json()).then((listing) => {
+    if ($("model").value !== model.name) return;
     state.layers = listing.layers;
     $("layer").replaceChildren(...state.layers.map((layer, i) => new Option(`${i + 1}. ${layer.name} (${layer.stage})`, String(i))));
   });
@@ -105,6 +107,25 @@ async function showLayer() {
   const response = await call(`/featuremaps?${query}`, { method: "POST", body: photoForm() });
   showImage($("featuremap"), "featuremap", await response.blob());
   $("maps").hidden = false;
+  await showExemplars(layer);
+}
+
+// The test images that excite a convolution's channel most (exemplars.json beside the model); a
+// model without them, or a layer that is not a convolution, shows nothing.
+async function showExemplars(layer) {
+  const model = $("model").value;
+  const select = $("excite-channel");
+  if (layer.stage !== "convolution") { $("excite").hidden = true; return; }
+  if (select.dataset.layer !== `${model}/${layer.name}`) {
+    select.replaceChildren(...Array.from({ length: layer.output_shape[0] }, (_, k) => new Option(String(k), String(k))));
+    select.dataset.layer = `${model}/${layer.name}`;
+  }
+  const query = new URLSearchParams({ channel: select.value || "0", format: "png" });
+  const response = await fetch(`/models/${model}/layers/${encodeURIComponent(layer.name)}/exemplars?${query}`, { headers: headers() });
+  $("excite").hidden = !response.ok;
+  if (!response.ok) return;
+  showImage($("excite-grid"), "excite", await response.blob());
+  $("excite-caption").textContent = `The 9 Fashion-MNIST test images that excite channel ${select.value} of ${layer.name} most, best first: the patch of each that the channel's strongest position sees.`;
 }
 
 async function showCam() {
@@ -161,6 +182,7 @@ function wire() {
     if (state.photo) run();
   });
   $("layer").addEventListener("change", () => showLayer().catch((error) => say(error.message, true)));
+  $("excite-channel").addEventListener("change", () => showExemplars(state.layers[Number($("layer").value)]).catch((error) => say(error.message, true)));
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
   $("api-key").addEventListener("change", () => loadModels().catch((error) => say(error.message, true)));

@@ -66,3 +66,19 @@ def test_importing_the_app_module_builds_nothing():
         "print(len(calls), app.main._app.cache_info().currsize)\n"
     )
     assert built.split() == ["0", "0", "1", "1"]
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in sorted(APP.rglob("*.py")) if "rayserve" not in p.parts], ids=lambda p: str(p.relative_to(APP))
+)
+def test_only_the_ray_adapter_imports_ray(path):
+    """Ray is an optional extra: the service without it is unchanged."""
+    assert not any(name.split(".")[0] == "ray" for name in imported_modules(path)), f"{path.name} imports ray"
+
+
+def test_serving_and_its_command_line_load_no_ray():
+    loaded = run_python(
+        "import sys, app.main, app.cli, app.process.server; app.cli.parse_args(['ray', '--replicas', '2']); "
+        "print('ray' in {m.split('.')[0] for m in sys.modules})"
+    )
+    assert loaded.strip() == "False"

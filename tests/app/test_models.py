@@ -87,7 +87,7 @@ def test_a_request_is_counted_before_its_last_byte_leaves(repo_copy, photos):
 
     async def send(message):
         if message["type"] == "http.response.body":
-            labels = {"endpoint": "unmatched", "model": "lenet5", "status": "200"}
+            labels = {"endpoint": "unmatched", "model": "lenet5", "status": "200", "protocol": "http"}
             counted_when_sent.append(services.metrics.registry.get_sample_value("cnnserve_requests_total", labels))
 
     scope = {"type": "http", "path": "/x", "query_string": b"model=lenet5", "headers": []}
@@ -99,4 +99,4 @@ def test_a_model_the_service_does_not_serve_never_becomes_a_label(client, photos
     client.post("/classify?model=no-such-model", files={"file": photos["chelsea"].read_bytes()})
     metrics = client.get("/metrics").text
     assert 'model="no-such-model"' not in metrics
-    assert 'cnnserve_requests_total{endpoint="/classify",model="",status="404"}' in metrics
+    assert 'cnnserve_requests_total{endpoint="/classify",model="",protocol="http",status="404"}' in metrics

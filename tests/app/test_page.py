@@ -1,46 +1,20 @@
 """The web page at /, in a real browser: Debian's Chromium driven by Playwright against a real
 server. A person uploads a photo, sees the bars, steps through the layers."""
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
-# The flags a root, offline, headless Chromium needs here (no sandbox as root, no background calls).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SCREENSHOTS = Path(os.environ.get("CNNSERVE_SCREENSHOTS", "runs/screenshots"))
+from .conftest import CHROMIUM, SCREENSHOTS, shown
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test does it)")
 
 
 @pytest.fixture(scope="module")
-def page(live_url):
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1000, "height": 1400})
-        page.goto(live_url)
-        yield page
-        browser.close()
-
-
-def shown(page, selector: str) -> None:
-    """Waits until the image element holds a decoded picture fetched from the service."""
-    page.wait_for_function(
-        "s => { const img = document.querySelector(s); return img.src.startsWith('blob:') && img.naturalWidth > 0; }",
-        arg=selector,
-        timeout=30_000,
-    )
+def page(browser, live_url):
+    page = browser.new_page(viewport={"width": 1000, "height": 1400})
+    page.goto(live_url)
+    yield page
+    page.close()
 
 
 def test_the_page_lists_the_models_with_the_default_chosen(page):

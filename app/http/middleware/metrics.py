@@ -40,7 +40,7 @@ def model_label(scope: Scope, services: Services, known: dict[int, bool]) -> str
         name = found.group(1).decode("latin-1") if found else None
         if not name and takes_model(scope.get("route"), known):
             name = services.settings.default_model
-    return name if name in services.repository.models else ""
+    return name if name and services.service.serves(name) else ""
 
 
 class RequestMetrics:
@@ -63,7 +63,7 @@ class RequestMetrics:
             counted = True
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             model = model_label(scope, self.services, self.routes_taking_a_model)
-            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            self.metrics.requests.labels(endpoint, model, str(status), "http").inc()
             self.metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)
 
         async def send_counting(message: Message) -> None:

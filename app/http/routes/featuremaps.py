@@ -1,4 +1,4 @@
-"""What each layer sees: GET /models/{name}/layers, POST /featuremaps and POST /cam."""
+"""What each layer sees: GET /models/{name}/layers, POST /featuremaps, POST /preprocess and POST /cam."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.http.deps import IMAGE_BODY, ModelName, ModelPath, services
+from app.http.deps import IMAGE_BODY, ModelName, ModelPath, ModelVersion, services
 from app.http.inputs import disconnect, image_reader
 from app.http.routes.classify import ERRORS
 from app.serving.inspect import render
@@ -66,6 +66,17 @@ async def featuremaps(
         "X-Channels": ",".join(map(str, listed)) if listed else f"{maps.channels[0]}-{maps.channels[-1]}",
     }
     return Response(maps.body, media_type=maps.media_type, headers=headers)
+
+
+@router.post(
+    "/preprocess",
+    responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+    openapi_extra=IMAGE_BODY,
+    summary="What the network is given: the image after the model's preprocessing, before mean and std",
+)
+async def preprocess(request: Request, model: ModelName = None, version: ModelVersion = None) -> Response:
+    png = await services(request).service.given(model, image_reader(request), version=version)
+    return Response(png, media_type="image/png")
 
 
 @router.post(

@@ -1,0 +1,75 @@
+"""The gRPC server of one server process: grpc.aio in uvicorn's event loop, so that its calls reach
+the same service, batchers and admission as the HTTP requests, with no second loop or thread.
+
+``serving(services, processes)`` is entered by the HTTP app's lifespan (app/process/server.py hands
+it over): the port is bound at start-up, so a port that cannot be had fails the process's start as
+a taken HTTP port does, and calls are answered as the HTTP ones are (ServerReady false while the
+models load or the process drains). Several server processes each bind the port with SO_REUSEPORT
+and the kernel spreads the connections; a lone process binds it alone, so that a second server on
+the same port fails instead of sharing it. At shutdown, calls in flight get GRACE_SECONDS to
+finish, new ones are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from app.grpc import inference_pb2 as pb
+from app.grpc.servicer import SERVICE, Servicer
+from app.serving.services import Services
+
+log = logging.getLogger("cnnserve")
+
+GRACE_SECONDS = 30.0
+MAX_CONCURRENT_RPCS = 256  # calls in flight per process; beyond, RESOURCE_EXHAUSTED (each may hold a message)
+
+
+def handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
+    """The service's methods from the .proto's descriptor, each to the servicer's method of that name."""
+    methods = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        methods[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@asynccontextmanager
+async def serving(services: Services, processes: int = 1) -> AsyncIterator[int]:
+    """The gRPC server on CNNSERVE_GRPC_PORT for the block (nothing when it is 0); yields the
+    port it bound."""
+    settings = services.settings
+    if settings.grpc_port == 0:
+        yield 0
+        return
+    limit = settings.grpc_message_limit
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1 if processes > 1 else 0),
+        ],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
+    server.add_generic_rpc_handlers((handlers(Servicer(services)),))
+    try:
+        port = server.add_insecure_port(address(settings.host, settings.grpc_port))
+    except RuntimeError as error:
+        raise RuntimeError(f"cannot listen for gRPC on {address(settings.host, settings.grpc_port)}: {error}") from None
+    await server.start()
+    log.info("gRPC (Open Inference Protocol) on %s, messages up to %d bytes", address(settings.host, port), limit)
+    try:
+        yield port
+    finally:
+        await server.stop(GRACE_SECONDS)

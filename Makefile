@@ -67,7 +67,7 @@ lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 bench: $(VENV)/.dev dataset tools  ## three deployments (serve; 1 process on 1 core; 1 on all cores) against a FastAPI peer and bare ONNX Runtime, and the goals met or missed (about 8 min)
 	$(BIN)/python -m bench.run
 
-bench-ray: $(VENV)/.dev tools  ## Ray Serve (ours and @serve.batch batching) against the native server, small JPEG at 1 and 8 connections (about 3 min)
+bench-ray: $(VENV)/.dev tools  ## Ray Serve (ours and @serve.batch batching) against the native server, small JPEG at 1 and 8 connections (about 4 min)
 	$(BIN)/python -m bench.ray --out bench/results/ray.json
 
 bench-gpu: $(VENV)/.dev  ## on an NVIDIA GPU with onnxruntime-gpu: every model on CUDA, answers equal to the CPU's, the data plane at 1/8/32 at once (a few min)

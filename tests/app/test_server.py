@@ -47,9 +47,17 @@ def test_the_server_logs_each_model_and_its_provider_then_stops_on_sigterm(serve
 
 
 def server_processes(pid: int) -> list[int]:
-    """The server processes a `cnnserve serve` supervisor has started (not multiprocessing's tracker)."""
+    """The server processes a `cnnserve serve` supervisor has started (not multiprocessing's tracker),
+    leaving out a child that is gone between the listing and the look at it (one just killed)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [int(c) for c in children if b"spawn_main" in command_line(int(c))]
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ProcessLookupError or FileNotFoundError: it has exited
+        return b""
 
 
 @pytest.fixture(scope="module")

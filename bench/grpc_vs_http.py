@@ -32,14 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.run import READY_IN_A_ROW, ROOT, free_port, make_inputs, start_service, stop, wrk
+from bench.run import ROOT, free_port, make_inputs, start, start_service, stop, wrk
 
 MODELS = {"efficientnet_lite0": (3, 224, 224), "kernels": (1, 224, 224)}
 WARM_CALLS = 5
@@ -143,21 +142,9 @@ def collector() -> tuple[Any, int, list[int]]:
 def start_tree(tree: Path, env: dict[str, str]) -> tuple[int, subprocess.Popen[bytes]]:
     """``python -m app serve`` from the source tree ``tree`` (this one, or a baseline copy), ready."""
     port = free_port()
-    environment = {**os.environ, "CNNSERVE_LOG_LEVEL": "warning", "CNNSERVE_GRPC_PORT": "0", **env}
     command = [sys.executable, "-m", "app", "serve", "--port", str(port)]
-    process = subprocess.Popen(command, cwd=tree, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, in_a_row = time.monotonic() + 120, 0
-    while in_a_row < READY_IN_A_ROW:
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise RuntimeError(f"the server in {tree} never became ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                in_a_row += 1
-        except OSError:
-            in_a_row = 0
-            time.sleep(0.2)
-    return port, process
+    quiet = {"CNNSERVE_LOG_LEVEL": "warning", "CNNSERVE_GRPC_PORT": "0", **env}
+    return port, start(command, quiet, f"http://127.0.0.1:{port}/readyz", cwd=tree)
 
 
 def tracing(args: argparse.Namespace) -> list[dict[str, Any]]:

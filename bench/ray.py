@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ from tqdm import tqdm
 from app.rayserve.replica import ModelReplica
 from app.serving import postprocess, preprocess
 from app.serving.schemas import ClassifyResponse
-from bench.run import ROOT, free_port, make_inputs, wrk
+from bench import run as bench_run
+from bench.run import free_port, make_inputs, wrk
 
 INPUTS = {"efficientnet_lite0": ("small.jpg", "image/jpeg"), "lenet5": ("lenet.png", "image/png")}
 READY_TIMEOUT_S = 180
@@ -88,28 +88,9 @@ def serve_batched(argv: list[str]) -> None:
 
 
 def start(command: list[str], env: dict[str, str], url: str) -> subprocess.Popen[bytes]:
-    """Started in a session of its own (stopped with everything it started) and ready: ten 200s
-    from /classify in a row."""
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "CNNSERVE_LOG_LEVEL": "warning", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline, in_a_row = time.monotonic() + READY_TIMEOUT_S, 0
-    while in_a_row < 10:
-        if time.monotonic() > deadline or process.poll() is not None:
-            stop(process)
-            raise RuntimeError(f"{' '.join(command)} never became ready")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5):
-                in_a_row += 1
-        except OSError:
-            in_a_row = 0
-            time.sleep(0.5)
-    return process
+    """Started in a session of its own (``stop`` ends everything it started: a Ray cluster) and ready."""
+    quiet = {"CNNSERVE_LOG_LEVEL": "warning", **env}
+    return bench_run.start(command, quiet, f"{url}/readyz", timeout=READY_TIMEOUT_S, own_session=True)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

@@ -252,29 +252,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], env: dict, ready_url: str, cores: frozenset[int] | None = None) -> subprocess.Popen:
-    """Started (pinned to ``cores`` if given) and ready: READY_IN_A_ROW answers of 200 on fresh
+def start(
+    command: list[str],
+    env: dict,
+    ready_url: str,
+    cores: frozenset[int] | None = None,
+    *,
+    cwd: Path = ROOT,
+    timeout: float = 120.0,
+    own_session: bool = False,
+) -> subprocess.Popen:
+    """Started (pinned to ``cores`` if given; in a session of its own, so that ``os.killpg`` stops
+    all it starts, if ``own_session``) and ready: READY_IN_A_ROW answers of 200 on fresh
     connections, so that with several server processes (connections spread by the kernel) every
-    one of them has loaded its models."""
+    one of them has loaded its models. A process that exits first fails at once."""
     process = subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=pin(cores),
+        start_new_session=own_session,
     )
-    deadline, in_a_row = time.monotonic() + 120, 0
-    while time.monotonic() < deadline and in_a_row < READY_IN_A_ROW:
+    deadline, in_a_row = time.monotonic() + timeout, 0
+    while in_a_row < READY_IN_A_ROW:
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError(f"{' '.join(command)} never became ready")
         try:
             with urllib.request.urlopen(ready_url, timeout=2):
                 in_a_row += 1
         except OSError:
             in_a_row = 0
             time.sleep(0.2)
-    if in_a_row < READY_IN_A_ROW:
-        process.kill()
-        raise RuntimeError(f"{command} never became ready")
     return process
 
 

@@ -59,6 +59,27 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, every endpoint but the probes needs 'Authorization: Bearer KEY' or 'X-API-Key'"
     )
+    keys_file: Path | None = Field(
+        None,
+        description="named API keys with their scopes, rate and expiry (TOML, see README 'Access control'); "
+        "read again when it changes",
+    )
+    jwt_secret: SecretStr | None = Field(None, description="accept HS256 bearer tokens signed with this secret")
+    jwt_jwks_file: Path | None = Field(None, description="accept RS256/ES256 tokens signed by a key of this JWKS")
+    jwt_audience: str = Field("cnnserve", description="the aud a bearer token must name")
+    rate_limit: float = Field(
+        0.0,
+        ge=0,
+        description="requests a second per credential without a rate of its own (per client address when the "
+        "service is open); 0: none",
+    )
+    rate_burst: int = Field(0, ge=0, description="requests at once above the rate; 0: the rate, at least 1")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve HTTPS and gRPC over TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed (mTLS)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that has not sent a request's complete headers within this is closed"
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed to call from browsers; * for any")
     drain_seconds: float = Field(
         0.0, ge=0, le=300, description="after SIGTERM: answer /readyz 503 this long, still serving, before stopping"
@@ -120,7 +141,9 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("api_key", mode="before")
+    @field_validator(
+        "api_key", "jwt_secret", "keys_file", "jwt_jwks_file", "tls_cert", "tls_key", "tls_client_ca", mode="before"
+    )
     @classmethod
     def _empty_key_means_none(cls, value: object) -> object:
         """``CNNSERVE_API_KEY=`` (compose's default for an unset variable) turns authentication off,

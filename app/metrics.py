@@ -117,6 +117,25 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+        self.access_refusals = Counter(
+            "cnnserve_access_refusals",
+            "Requests refused by access control, by reason: missing, unknown, expired, invalid_token, "
+            "wrong_audience, not_yet_valid, insufficient_scope, rate_limited, ambiguous, in_url.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.credential_requests = Counter(
+            "cnnserve_credential_requests",
+            "Requests admitted by access control, by credential name (a key's name; token for bearer tokens).",
+            ["credential"],
+            registry=self.registry,
+        )
+        self.header_timeouts = Counter(
+            "cnnserve_header_timeouts",
+            "Connections closed because their request headers did not arrive within CNNSERVE_HEADER_TIMEOUT_S.",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)

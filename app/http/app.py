@@ -19,7 +19,7 @@ from fastapi.telemetry import TelemetryConfig
 from app import tracing
 from app.config import Settings
 from app.http import errors
-from app.http.middleware.access import ApiKey
+from app.http.middleware.access import AccessControl
 from app.http.middleware.metrics import RequestMetrics
 from app.http.middleware.rebalance import Rebalance
 from app.http.middleware.request_body import RequestBody
@@ -27,6 +27,7 @@ from app.http.middleware.request_id import RequestId
 from app.http.routes import classify, explain, featuremaps, health, models, page, v2
 from app.http.routes import repository as repository_api
 from app.serving import services as wiring
+from app.serving.access import Access
 from app.serving.services import Services
 
 log = logging.getLogger("cnnserve")
@@ -193,9 +194,10 @@ def create_app(
     if services.control.managed:  # off (CNNSERVE_MODEL_CONTROL=none), its paths are unknown: 404
         app.include_router(repository_api.router)
     app.mount("/static", page.static_files(), name="static")
-    if settings.api_key is not None:
-        app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())
-    # around the API key, so that a 401 sent before the body also closes its connection
+    access = services.access or Access(settings, services.metrics)
+    if access.enabled or access.default_limit is not None:
+        app.add_middleware(AccessControl, access=access)
+    # around access control, so that a 401, 403 or 429 sent before the body also closes its connection
     app.add_middleware(RequestBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.cors_origin_list:
         app.add_middleware(
@@ -203,7 +205,7 @@ def create_app(
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-            expose_headers=EXPOSED_HEADERS,
+            expose_headers=[*EXPOSED_HEADERS, "WWW-Authenticate", "RateLimit", "RateLimit-Policy"],
         )
     if crowded is not None:
         app.add_middleware(Rebalance, crowded=crowded, counter=services.metrics.rebalanced)

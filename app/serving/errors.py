@@ -43,10 +43,31 @@ class BadRequest(ServingError):
 
 
 class Unauthorized(ServingError):
+    """No credential, or one that is not (or no longer) valid; ``reason`` is counted and logged.
+    The challenge is RFC 6750's: ``error="invalid_token"`` when a credential was presented."""
+
     status = 401
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+    def __init__(self, message: str, reason: str = "missing") -> None:
+        challenge = 'Bearer realm="cnnserve"'
+        if reason != "missing":
+            description = message.replace('"', "'")
+            challenge += f', error="invalid_token", error_description="{description}"'
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+        self.reason = reason
+
+
+class Forbidden(ServingError):
+    """A valid credential without the scope the request needs."""
+
+    status = 403
+
+    def __init__(self, credential: str, scope: str) -> None:
+        super().__init__(
+            f"credential {credential!r} lacks the scope {scope!r} this request needs",
+            headers={"WWW-Authenticate": f'Bearer realm="cnnserve", error="insufficient_scope", scope="{scope}"'},
+        )
+        self.scope = scope
 
 
 class NotFound(ServingError):
@@ -85,6 +106,15 @@ class Overloaded(ServingError):
             f"model {model!r} is at capacity; retry after {retry_after} s", headers={"Retry-After": str(retry_after)}
         )
         self.retry_after = retry_after
+
+
+class RateLimited(ServingError):
+    """The client spent its rate limit: it should come back after Retry-After seconds."""
+
+    status = 429
+
+    def __init__(self, credential: str, headers: Mapping[str, str]) -> None:
+        super().__init__(f"credential {credential!r} is over its rate limit; retry after Retry-After", headers=headers)
 
 
 class ClientGone(ServingError):

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from app import importing
 from app.config import Settings
 
 
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="poll mode: seconds between looks at the repository (default 2)",
     )
     add_ray_command(commands)
+    importing.add_commands(commands)
     classify = commands.add_parser("classify", help="classify image files with a running service, print the top-k")
     classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     classify.add_argument("--model", help="model name (default: the service's default model)")
@@ -212,7 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args)
     else:
-        commands = {"classify": classify, "models": list_models, "probe": probe, "ray": serve_on_ray}
+        commands = {
+            "classify": classify,
+            "models": list_models,
+            "probe": probe,
+            "ray": serve_on_ray,
+            "import": importing.run_import,
+            "check": importing.run_check,
+        }
         sys.exit(commands[args.command](args))
 
 

@@ -101,6 +101,10 @@ class LayerList(BaseModel):
     layers: list[LayerInfo]
     methods: list[str] = Field(default_factory=list, description="the /explain methods this model offers")
     explain_layer: str | None = Field(None, description="the layer /explain uses when none is named")
+    explain_layers: dict[str, str] = Field(
+        default_factory=dict,
+        description="per method, the layer /explain uses when none is named: the deepest whose passes fit max_passes",
+    )
     max_passes: int | None = Field(None, description="most forward passes one /explain request may cost")
 
 

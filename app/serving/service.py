@@ -272,8 +272,18 @@ class Service:
             layers=[self._layer_info(layer, session, explainer, spec) for layer in session.analysis.layers],
             methods=[m for m in saliency.METHODS if m == "occlusion" or default is not None],
             explain_layer=default.name if default else None,
+            explain_layers=self._explain_layers(session, explainer),
             max_passes=self.settings.max_explain_passes,
         )
+
+    def _explain_layers(self, session: FeatureMapSession, explainer: saliency.Explainer) -> dict[str, str]:
+        """The layer each method explains when none is named (within the pass limit)."""
+        limit = self.settings.max_explain_passes
+        found = {
+            m: saliency.default_layer_for(m, session.analysis, session, explainer, limit)
+            for m in saliency.LAYER_METHODS
+        }
+        return {method: layer.name for method, layer in found.items() if layer is not None}
 
     def _layer_info(
         self, layer: Layer, session: FeatureMapSession, explainer: saliency.Explainer, spec: InputSpec
@@ -510,7 +520,12 @@ class Service:
         layer, shape = None, None
         if request.method != "occlusion":
             named = request.layer
-            layer = layers.pick(session, named) if named else saliency.default_layer(session.analysis, session)
+            limit = self.settings.max_explain_passes
+            layer = (
+                layers.pick(session, named)
+                if named
+                else saliency.default_layer_for(request.method, session.analysis, session, explainer, limit)
+            )
             if layer is None:
                 raise NotFound(f"model {model.name!r} has no layer {request.method} can explain")
             shape = session.shapes[layer.tensor]

@@ -96,7 +96,7 @@ def test_efficientnet_gradcam_reaches_every_layer(client):
 def test_more_passes_than_allowed_is_a_clear_422(sneaker, tmp_path):
     shutil.copytree(MODELS / "lenet5", tmp_path / "lenet5")
     with running_client(Settings(models_dir=tmp_path, max_explain_passes=15, default_model="lenet5")) as client:
-        response = explain(client, sneaker, method="scorecam")
+        response = explain(client, sneaker, method="scorecam", layer="features.relu2")
         assert response.status_code == 422
         assert "17 forward passes; the limit is 15" in response.json()["detail"]
         assert explain(client, sneaker, method="occlusion", window=10, stride=9).status_code == 200

@@ -139,6 +139,32 @@ def default_layer(analysis: Analysis, session: FeatureMapSession) -> Layer | Non
     return spatial[-1] if spatial else None
 
 
+def default_layer_for(
+    method: str, analysis: Analysis, session: FeatureMapSession, explainer: Explainer, limit: int
+) -> Layer | None:
+    """The layer ``method`` explains when none is named: default_layer() when the method applies
+    there within ``limit`` forward passes, else the deepest layer still wider than a pixel where
+    it does. Score-CAM and Ablation-CAM cost a pass per channel, so on a network whose last
+    layer is wide (EfficientNet-Lite0's 1,280 channels) they move to an earlier, narrower one
+    instead of refusing a request that named no layer."""
+
+    def fits(layer: Layer) -> bool:
+        shape = session.shapes[layer.tensor]
+        return (
+            method in explainer.methods(layer.tensor, shape)
+            and 1 + (shape[0] if method in ("scorecam", "ablationcam") else 0) <= limit
+        )
+
+    first = default_layer(analysis, session)
+    if first is not None and fits(first):
+        return first
+    for layer in reversed(analysis.layers):
+        shape = session.shapes[layer.tensor]
+        if layer.stage != "pooling" and len(shape) == 3 and shape[1] > 1 and fits(layer):
+            return layer
+    return first
+
+
 @dataclass(frozen=True)
 class Occlusion:
     """The grey square: its side and its step, in input pixels. By default a seventh of the input

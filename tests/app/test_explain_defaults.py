@@ -1,0 +1,58 @@
+"""/explain with no layer: each method gets the deepest layer whose forward passes fit
+CNNSERVE_MAX_EXPLAIN_PASSES, and the answer says which one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from app.config import Settings
+
+from ..conftest import MODELS, running_client
+
+
+def explain(client, image: bytes, **query):
+    return client.post("/explain", params=query, files={"file": ("image.png", image, "image/png")})
+
+
+@pytest.fixture(scope="module")
+def efficient_layers(client) -> dict:
+    return client.get("/models/efficientnet_lite0/layers").json()
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_per_channel_methods_on_efficientnet_answer_without_a_layer(client, photos, efficient_layers, method):
+    response = explain(client, photos["chelsea"].read_bytes(), model="efficientnet_lite0", method=method, format="json")
+    assert response.status_code == 200, response.text
+    layer = response.json()["layer"]
+    assert layer == response.headers["x-layer"] == efficient_layers["explain_layers"][method]
+    passes = {entry["name"]: entry["passes"] for entry in efficient_layers["layers"]}
+    assert passes[layer][method] <= efficient_layers["max_passes"]
+
+
+def test_the_chosen_layer_is_the_deepest_that_fits(efficient_layers):
+    names = [layer["name"] for layer in efficient_layers["layers"]]
+    chosen = efficient_layers["explain_layers"]["scorecam"]
+    deeper = [
+        layer
+        for layer in efficient_layers["layers"][names.index(chosen) + 1 :]
+        if layer["stage"] != "pooling" and layer["output_shape"][1] > 1
+    ]
+    assert deeper and all(layer["passes"]["scorecam"] > efficient_layers["max_passes"] for layer in deeper)
+
+
+def test_one_pass_methods_keep_the_layer_the_head_reads(efficient_layers):
+    chosen = efficient_layers["explain_layers"]
+    assert chosen["gradcam"] == chosen["eigencam"] == efficient_layers["explain_layer"]
+    assert chosen["scorecam"] != efficient_layers["explain_layer"]
+
+
+def test_a_lower_limit_moves_the_default_to_a_narrower_layer(tmp_path):
+    shutil.copytree(MODELS / "lenet5", tmp_path / "lenet5")
+    settings = Settings(models_dir=tmp_path, max_explain_passes=15, default_model="lenet5")
+    with running_client(settings) as client:
+        listing = client.get("/models/lenet5/layers").json()
+        assert listing["explain_layer"] == "features.relu2"  # 16 channels: 17 passes
+        assert listing["explain_layers"]["scorecam"] == "features.relu1"  # 6 channels: 7 passes
+        assert listing["explain_layers"]["gradcam"] == "features.relu2"

@@ -2,17 +2,18 @@
 
 Every call goes through ``Servicer.answer``, which does for gRPC what the HTTP middleware does:
 the request id (``x-request-id`` metadata in, the same in the initial metadata out, and in the
-call's log lines), the server span continuing the caller's ``traceparent``, the API key (as
-``authorization: Bearer KEY`` or ``x-api-key`` metadata; the two server probes stay open, as
-/v2/health/* do), ``cnnserve_requests_total{protocol="grpc"}`` and the request latency, and the
-one mapping of a ServingError's status to a gRPC code. Only our own faults are INTERNAL.
+call's log lines), the server span continuing the caller's ``traceparent``, access control (the
+credential as ``authorization: Bearer KEY_OR_TOKEN`` or ``x-api-key`` metadata, once; the scope
+each method needs in METHOD_SCOPES, the same as its HTTP path's; the two server probes stay open,
+as /v2/health/* do; app/serving/access.py decides), ``cnnserve_requests_total{protocol="grpc"}``
+and the request latency, and the one mapping of a ServingError's status to a gRPC code. Only our
+own faults are INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +27,7 @@ from app.grpc import inference_pb2 as pb
 from app.http.app import VERSION
 from app.http.routes.repository import check_name, refuse_load_parameters, row
 from app.http.routes.v2 import PLATFORM, REPOSITORY_EXTENSION
+from app.serving.access import OPEN, Access
 from app.serving.errors import BadRequest, NotFound, ServingError, Unauthorized
 from app.serving.service import Tensors
 from app.serving.services import Services
@@ -35,10 +37,22 @@ log = logging.getLogger("cnnserve.grpc")
 T = TypeVar("T")
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["classification"]
-OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
+METHOD_SCOPES = {
+    "ServerLive": OPEN,
+    "ServerReady": OPEN,
+    "ModelReady": "read",
+    "ServerMetadata": "read",
+    "ModelMetadata": "read",
+    "ModelInfer": "infer",
+    "RepositoryIndex": "admin",
+    "RepositoryModelLoad": "admin",
+    "RepositoryModelUnload": "admin",
+}
+CREDENTIAL_KEYS = ("authorization", "x-api-key")
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -63,8 +77,7 @@ class Servicer:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.service = services.service
-        key = services.settings.api_key
-        self.key = key.get_secret_value().encode() if key is not None else None
+        self.access = services.access or Access(services.settings, services.metrics)
 
     async def answer(self, context: Any, method: str, model: str | None, work: Callable[[], Awaitable[T]]) -> T:
         """``work()`` under the request id, span, API key, metrics and error mapping of every call."""
@@ -76,13 +89,15 @@ class Servicer:
             with tracing.server_span(f"{SERVICE}/{method}", metadata, attributes):
                 tracing.annotate("cnnserve.request_id", request_id)
                 try:
-                    if self.key is not None and method not in OPEN_METHODS:
-                        self.authenticate(metadata)
+                    self.admit(method, metadata, context)
                     return await work()
                 except ServingError as error:
                     code = code_of(error)
-                    if "Retry-After" in error.headers:
-                        context.set_trailing_metadata((("retry-after", error.headers["Retry-After"]),))
+                    trailing = [
+                        (name.lower(), value) for name, value in error.headers.items() if name != "WWW-Authenticate"
+                    ]
+                    if trailing:
+                        context.set_trailing_metadata(tuple(trailing))
                     await context.abort(code, error.message)
                     raise  # abort raises; this keeps the type checker sure of it
                 except asyncio.CancelledError:
@@ -98,15 +113,18 @@ class Servicer:
                 finally:
                     self.count(method, model, code, started)
 
-    def authenticate(self, metadata: Sequence[tuple[str, Any]]) -> None:
-        presented = first(metadata, "x-api-key")
-        if presented is None:
-            scheme, _, token = (first(metadata, "authorization") or "").partition(" ")
-            presented = token.strip() if scheme.lower() == "bearer" else None
-        if presented is None or self.key is None or not hmac.compare_digest(presented.encode(), self.key):
-            raise Unauthorized(
-                "missing or wrong API key: send metadata 'authorization: Bearer KEY' or 'x-api-key: KEY'"
-            )
+    def admit(self, method: str, metadata: Sequence[tuple[str, Any]], context: Any) -> None:
+        """Access control for one call: the scope its method needs, of the one credential it presents."""
+        needed = METHOD_SCOPES[method]
+        if needed == OPEN or not (self.access.enabled or self.access.default_limit):
+            return
+        client = peer_address(context.peer() or "-")
+        try:
+            secret = presented(metadata) if self.access.enabled else None
+        except Unauthorized as refusal:
+            self.access.refused(refusal, None, client, method)
+            raise
+        self.access.admit(secret, needed, client, method)
 
     def count(self, method: str, model: str | None, code: Any, started: float) -> None:
         metrics, endpoint = self.services.metrics, f"/{SERVICE}/{method}"
@@ -201,6 +219,30 @@ class Servicer:
             return pb.RepositoryModelUnloadResponse()
 
         return await self.answer(context, "RepositoryModelUnload", request.model_name, work)
+
+
+def presented(metadata: Sequence[tuple[str, Any]]) -> str | None:
+    """The one credential in the metadata (gRPC lower-cases keys), or None; two are ambiguous."""
+    found = [(name, str(value)) for name, value in metadata if name in CREDENTIAL_KEYS]
+    if len(found) > 1:
+        raise Unauthorized("send one credential: one authorization or one x-api-key entry", "ambiguous")
+    if not found:
+        return None
+    name, value = found[0]
+    if name == "x-api-key":
+        return value.strip()
+    kind, _, secret = value.strip().partition(" ")
+    if kind.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("authorization metadata takes 'Bearer KEY_OR_TOKEN'", "unknown")
+    return secret.strip()
+
+
+def peer_address(peer: str) -> str:
+    """The client's address from gRPC's peer string (``ipv4:127.0.0.1:5555``, ``ipv6:[::1]:5555``)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return rest.rpartition(":")[0] if kind == "ipv4" else peer
 
 
 def model_name(name: str) -> str:

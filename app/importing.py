@@ -171,6 +171,7 @@ def run_import(args: argparse.Namespace) -> int:
             exported = export_from_framework(args, Path(work))
             onnx_file = exported.onnx if exported else args.source
             facts = importer.read_graph(onnx_file, args.output)
+            importer.check_runtime(onnx_file)
             given = given_preprocessing(args)
             fields = {
                 **(exported.preprocessing if exported else {}),

@@ -10,6 +10,7 @@ a function from an image file to its logits (training/importer.py makes one).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from app.serving.spec import InputSpec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "static" / "examples"
 TIMED_RUNS = 5
+CROP_RATIOS = (0.875, 0.9, 0.95, 1.0)  # the centre crop's share of the shorter side in common recipes
 Reference = Callable[[Path], np.ndarray]
 """The framework's own preprocessing and model: an image file -> its logits, one per class."""
 
@@ -89,9 +91,8 @@ def sample_photos(extra: list[Path] | None = None) -> list[Path]:
         import skimage.data
 
         folder = Path(skimage.data.__file__).parent
-        found += [
-            folder / n for n in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg") if (folder / n).is_file()
-        ]
+        names = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
+        found += [folder / n for n in names if (folder / n).is_file() and n not in {p.name for p in found}]
     except ImportError:
         pass
     return found + list(extra or [])
@@ -176,14 +177,17 @@ def alternatives(spec: InputSpec) -> list[tuple[str, str, dict[str, Any]]]:
     """(step, what it would be, the InputSpec fields that say so) for each usual alternative."""
     found: list[tuple[str, str, dict[str, Any]]] = []
     side = min(spec.height, spec.width)
-    if spec.resize is None:
-        found.append(("crop", f"resize to {round(side / 0.875)} then centre crop", {"resize": round(side / 0.875)}))
-    else:
-        found.append(("crop", "resize straight to the input size, no crop", {"resize": None}))
+    for ratio in CROP_RATIOS:
+        shorter = math.floor(side / ratio)
+        if shorter != spec.resize:
+            found.append(("crop", f"the shorter side resized to {shorter}, then the centre crop", {"resize": shorter}))
+    if spec.resize is not None:
+        found.append(("crop", "a plain resize to the input size, no crop", {"resize": None}))
     if spec.color != "L":
         other = "BGR" if spec.color == "RGB" else "RGB"
-        flip = {"color": other, "mean": spec.mean[::-1], "std": spec.std[::-1]}
-        found.append(("channel order", other, flip))
+        found.append(("channel order", other, {"color": other}))
+        reordered = {"color": other, "mean": spec.mean[::-1], "std": spec.std[::-1]}
+        found.append(("channel order", f"{other}, mean and std reordered", reordered))
     found.append(
         (
             "scale",
@@ -230,16 +234,21 @@ def diagnose(
         f"top-5 {np.argsort(-served)[:5].tolist()} against {np.argsort(-expected)[:5].tolist()}"
     )
     data = path.read_bytes()
+    agreeing = []
     for step, what, fields in alternatives(spec):
         try:
-            other = spec.model_copy(update=fields)
-            other = InputSpec.model_validate(other.model_dump())
+            other = InputSpec.model_validate({**spec.model_dump(), **fields})
         except ValueError:
             continue
         diff = disagreement(expected, run(model, other, data, settings.max_pixels), tolerance)
         if diff is not None and diff <= tolerance:
-            return f"{found}. The {step} differs: with {what} they agree; change model.json's input to {fields}"
-    return f"{found}. No single preprocessing step (crop, scale, channel order, normalisation, resampling) explains it"
+            agreeing.append((diff, step, what, fields))
+    if not agreeing:
+        steps = "crop, scale, channel order, normalisation, resampling"
+        return f"{found}. No single preprocessing step ({steps}) explains it"
+    _, step, what, fields = min(agreeing, key=lambda found: found[0])
+    change = ", ".join(f"{key} {value}" for key, value in fields.items())
+    return f"{found}. The {step} differs: with {what} they agree (model.json's input: {change})"
 
 
 def offered(model: Model, settings: Settings) -> tuple[list[str], dict[str, str | None]]:

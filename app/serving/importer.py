@@ -120,6 +120,37 @@ def read_graph(path: Path, output: str | None = None) -> GraphFacts:
     return GraphFacts(inputs[0].name, _dims(inputs[0]) or (), chosen, shape)
 
 
+UNRUNNABLE = (
+    re.compile(r"(?P<op>[\w.]+:[\w.]+)\((?P<version>-?\d+)\) is not a registered function/op"),
+    re.compile(
+        r"Could not find an implementation for (?P<op>\w+)\((?P<version>\d+)\) node with name '(?P<node>[^']*)'"
+    ),
+    re.compile(
+        r"\(\"(?P<node>[^\"]*)\", (?P<op>\w+), .*No Op registered for \w+ with domain_version of (?P<version>\d+)"
+    ),
+)
+
+
+def check_runtime(path: Path) -> None:
+    """Open the file in ONNX Runtime once, so that an operator it cannot run (a custom one, or one
+    newer or older than its kernels) is named now rather than as a refusal at load."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime raises several unrelated types
+        text = str(error)
+        for pattern in UNRUNNABLE:
+            found = pattern.search(text)
+            if found:
+                where = f" (node {found['node']!r})" if "node" in found.groupdict() and found["node"] else ""
+                raise ImportRefused(
+                    f"ONNX Runtime {ort.__version__} cannot run operator {found['op']} at opset {found['version']}"
+                    f"{where}: export with operators it implements (a standard opset, no custom domain)"
+                ) from None
+        raise ImportRefused(f"ONNX Runtime {ort.__version__} cannot load {path.name}: {text}") from None
+
+
 def input_spec(facts: GraphFacts, preset: str | None = None, **given: Any) -> InputSpec:
     """The InputSpec of the graph's input: the preset's fields, then what was given (None: not
     given), then the graph's own layout and size, which win over a preset's."""

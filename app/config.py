@@ -91,6 +91,33 @@ class Settings(BaseSettings):
         description="server processes sharing the port, each with every model; 0: one per core (at most "
         "4) on the CPU provider, one with CUDA (app/sizing.py decides)",
     )
+    feed: Literal["auto", "shared", "per-process"] = Field(
+        "auto",
+        description="auto: shared on an accelerator, per-process on the CPU; shared: server processes (one per "
+        "core) decode and hand tensors through shared memory to one inference process per GPU that batches for all "
+        "of them (the CPU provider too); per-process: every server process runs its own session (on CUDA, a CUDA "
+        "context each, at most CNNSERVE_MAX_CUDA_PROCESSES)",
+    )
+    batch_shapes: str = Field(
+        "1,8,32",
+        pattern=r"^\s*[1-9][0-9]*\s*(,\s*[1-9][0-9]*\s*)*$",
+        description="on an accelerator (or in the shared feed), the batch sizes a model runs at, each warmed; a "
+        "batch runs at the smallest that holds it",
+    )
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="on an accelerator: fp16 converts each model at load, checked against fp32 first"
+    )
+    gpus: int = Field(0, ge=0, le=64, description="inference processes of the shared feed, one per GPU; 0: count them")
+    max_cuda_processes: int = Field(
+        4, ge=1, le=64, description="most server processes holding a CUDA context each (CNNSERVE_FEED=per-process)"
+    )
+    feed_slot_mb: int = Field(
+        8, ge=2, le=1024, description="shared feed: MiB of shared memory per in-flight batch of a server process"
+    )
+    tensorrt: bool = Field(True, description="use TensorRT's execution provider where onnxruntime offers it")
+    tensorrt_cache: Path = Field(
+        Path("/tmp/cnnserve-tensorrt"), description="where TensorRT's engines are kept between starts"
+    )
     prometheus_multiproc_dir: Path | None = Field(
         None,
         validation_alias="PROMETHEUS_MULTIPROC_DIR",
@@ -149,6 +176,10 @@ class Settings(BaseSettings):
         """``CNNSERVE_API_KEY=`` (compose's default for an unset variable) turns authentication off,
         rather than on with an empty key."""
         return None if value == "" else value
+
+    @property
+    def batch_shape_list(self) -> tuple[int, ...]:
+        return tuple(sorted({int(size) for size in self.batch_shapes.split(",")}))
 
     @property
     def load_model_list(self) -> list[str]:

@@ -22,6 +22,9 @@ FAST_MODEL_SECONDS = 0.001  # below this per image, one inference worker per mod
 INLINE_SECONDS = 0.0002  # below this per image (about a thread hop), inference runs on the event loop
 MAX_INLINE_SECONDS = 0.001  # the longest the event loop is ever held by one inline inference
 INLINE_PIXELS = 64 * 64  # images this small are decoded on the event loop: a thread hop costs more
+MAX_FEED_PROCESSES = 32  # decoding server processes of the shared feed
+FEED_WORKERS = 2  # a server process's batches at the inference owner at once: one runs while the next forms
+NVIDIA_GPUS = "/proc/driver/nvidia/gpus"
 
 Decode = Literal["worker", "pool"]
 
@@ -43,11 +46,41 @@ def process_count(settings: Settings, accelerated: bool) -> int:
     """How many server processes to start. On the CPU, one per core: each process's event loop then
     has a core of its own, and the Python around a fast model's inference stops being the limit
     (measured on 2 cores against one process: LeNet-5 served 55% more 28x28 PNGs, small JPEGs 10%
-    more, 12-megapixel JPEGs 5% fewer). With CUDA, one process owns the GPU so that its batches
-    fill it."""
-    if settings.processes:
-        return settings.processes
-    return 1 if accelerated else min(available_cpus(), MAX_AUTO_PROCESSES)
+    more, 12-megapixel JPEGs 5% fewer). With the shared feed, one per core left beside the
+    inference processes, all decoding: one process decoding for an H200 kept it a third busy. With
+    a CUDA session in each process, no more than CNNSERVE_MAX_CUDA_PROCESSES, each a CUDA context."""
+    if feed_mode(settings, accelerated) == "shared":
+        spare = available_cpus() - owner_count(settings)
+        return settings.processes or max(1, min(spare, MAX_FEED_PROCESSES))
+    if accelerated:
+        return min(settings.processes or available_cpus(), settings.max_cuda_processes)
+    return settings.processes or min(available_cpus(), MAX_AUTO_PROCESSES)
+
+
+def feed_mode(settings: Settings, accelerated: bool) -> Literal["shared", "per-process"]:
+    """Where inference runs: ``shared``, in one inference process per GPU that every server process
+    feeds (app/serving/feed.py), or ``per-process``, in each server process. ``auto`` shares on an
+    accelerator: one owner joins every process's requests into the GPU's largest batch shape, where
+    a session per process sees only its own share of them, padded, and its CUDA context time-slices
+    the GPU with the others' (kernels of different processes do not overlap without MPS). On the
+    CPU each process running its own batches is what was measured best, so it stays."""
+    if settings.feed == "auto":
+        return "shared" if accelerated else "per-process"
+    return settings.feed
+
+
+def owner_count(settings: Settings) -> int:
+    """Inference processes of the shared feed: one per GPU (CUDA_VISIBLE_DEVICES, or the GPUs the
+    NVIDIA driver lists), at least one (the CPU provider's)."""
+    if settings.gpus:
+        return settings.gpus
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip()]))
+    try:
+        return max(1, len(os.listdir(NVIDIA_GPUS)))
+    except OSError:
+        return 1
 
 
 def cpu_share(processes: int) -> int:
@@ -67,17 +100,21 @@ class Plan:
     capacity: int  # images admitted at once: what the queue holds plus what the workers run
     job_cost: int  # a feature map or CAM runs alone, taking a whole batch's turn on a worker
     warm_batches: tuple[int, ...]  # batch sizes run once at load, before the model is served
-    pad_to: int | None  # every batch run at exactly this size (on an accelerator), or as it comes
+    pad_to: int | None  # the largest batch shape (on an accelerator), or None: batches run as they come
+    max_batch: int  # most images a batch of this process's batcher joins
     alone_threads: int = 0  # threads of the session a batch alone on the machine runs on; 0: none
     inline_batch: int = 0  # batches up to this size run on the event loop; 0: never
+    shapes: tuple[int, ...] = ()  # the batch sizes the model runs at (accelerator, feed); (): any
+    feed: bool = False  # batches go to the shared feed's inference process (app/serving/feed.py)
 
     def describe(self) -> str:
         alone = f" ({self.alone_threads} when alone)" if self.alone_threads else ""
         inline = f"; batches of up to {self.inline_batch} run on the event loop" if self.inline_batch else ""
+        where = "; batches go to the inference process" if self.feed else ""
         return (
             f"{self.workers} worker(s) x {self.threads} thread(s){alone} of {self.cpus} CPU(s) in each of "
             f"{self.processes} process(es); images decoded on the {self.decode}; admits {self.capacity} image(s)"
-            f"{inline}"
+            f"{inline}{where}"
         )
 
 
@@ -106,27 +143,10 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
     threads meanwhile, and an accelerator needs many cores decoding to keep it fed, so those leave
     decoding to the thread pool.
 
-    On an accelerator, batches fill the device, not threads: one worker, one ONNX Runtime CPU
-    thread (its pool spins, taking the cores that decode), and every batch run at one size, the
-    largest, warmed at load: on CUDA a session whose input shape changes between runs pays
-    cuDNN's set-up again each time (measured on an H200 with EfficientNet-Lite0: batches of 1 to 8
-    in turn ran 7 images a second in bare ONNX Runtime, 29 with the heuristic algorithm search;
-    a fixed batch of 8 ran 4,793, a fixed batch of 1 948)."""
+    On an accelerator, see accelerator_plan; with the shared feed, feed_plan."""
     cpus = cpu_share(processes)
     if not on_cpu:
-        workers = settings.inference_workers or 1
-        threads = settings.intra_op_threads or 1
-        return Plan(
-            processes=processes,
-            cpus=cpus,
-            threads=threads,
-            workers=workers,
-            decode="pool",
-            capacity=settings.max_queue + settings.max_batch_size * workers,
-            job_cost=settings.max_batch_size,
-            warm_batches=(settings.max_batch_size,),
-            pad_to=settings.max_batch_size,
-        )
+        return accelerator_plan(settings, processes, cpus)
     fast = seconds_per_image < FAST_MODEL_SECONDS
     inline = inline_batch(settings, seconds_per_image)
     if fast:
@@ -144,6 +164,7 @@ def plan(settings: Settings, processes: int, seconds_per_image: float, on_cpu: b
         job_cost=settings.max_batch_size,
         warm_batches=tuple(range(1, settings.max_batch_size + 1)),
         pad_to=None,
+        max_batch=settings.max_batch_size,
         alone_threads=alone_threads(settings, threads, fast),
         inline_batch=inline,
     )
@@ -166,3 +187,49 @@ def inline_batch(settings: Settings, seconds_per_image: float) -> int:
     if seconds_per_image >= INLINE_SECONDS:
         return 0
     return max(1, min(settings.max_batch_size, int(MAX_INLINE_SECONDS / max(seconds_per_image, 1e-9))))
+
+
+def accelerator_plan(settings: Settings, processes: int, cpus: int) -> Plan:
+    """A process running its own accelerator session: batches fill the device, not threads: one
+    worker, one ONNX Runtime CPU thread (its pool spins, taking the cores that decode), and every
+    batch run at the smallest of a few fixed shapes that holds it, each warmed at load: on CUDA a
+    session whose input shape changes between runs pays cuDNN's set-up again each time (measured
+    on an H200 with EfficientNet-Lite0: batches of 1 to 8 in turn ran 7 images a second in bare
+    ONNX Runtime, 29 with the heuristic algorithm search; a fixed batch of 8 ran 4,793, a fixed
+    batch of 1 948), while padding a lone client's image to 8 cost it 2.7 ms against 1.1 ms."""
+    workers = settings.inference_workers or 1
+    shapes = settings.batch_shape_list
+    return Plan(
+        processes=processes,
+        cpus=cpus,
+        threads=settings.intra_op_threads or 1,
+        workers=workers,
+        decode="pool",
+        capacity=settings.max_queue + shapes[-1] * workers,
+        job_cost=settings.max_batch_size,
+        warm_batches=(),  # the runner warms each of its shapes (app/serving/accelerated.py)
+        pad_to=shapes[-1],
+        max_batch=shapes[-1],
+        shapes=shapes,
+    )
+
+
+def feed_plan(settings: Settings, processes: int) -> Plan:
+    """A server process of the shared feed: it decodes (in its thread pool, as every process
+    does), joins what waits into batches of up to CNNSERVE_MAX_BATCH_SIZE, and has FEED_WORKERS of
+    them at the inference process at once, which joins all processes' batches into its shapes.
+    Its own session (one CPU thread) only checks the model and serves feature maps."""
+    return Plan(
+        processes=processes,
+        cpus=cpu_share(processes),
+        threads=1,
+        workers=FEED_WORKERS,
+        decode="pool",
+        capacity=settings.max_queue + settings.max_batch_size * FEED_WORKERS,
+        job_cost=settings.max_batch_size,
+        warm_batches=(),
+        pad_to=None,
+        max_batch=settings.max_batch_size,
+        shapes=settings.batch_shape_list,
+        feed=True,
+    )

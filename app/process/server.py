@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -26,11 +27,13 @@ from app import sizing, tracing
 from app.config import Settings
 from app.grpc.server import serving as serving_grpc
 from app.http.app import configure_logging, create_app
+from app.process.inference import make_feed, run_owner
 from app.process.supervisor import Supervisor
 from app.process.topology import ConnectionShare, Slot, listening_sockets
 from app.serving import services as wiring
 from app.serving.activity import Activity
 from app.serving.control import Shared
+from app.serving.feed import Feed, FeedClient, OwnerEnds
 from app.serving.runtime import accelerated
 from app.serving.services import Services
 
@@ -82,7 +85,8 @@ def run_server(
     shared = None
     if slot is not None and slot.models_state is not None:
         shared = Shared(slot.models_state, slot.models_applied, slot.index)
-    services = wiring.build(settings, processes, activity, shared)
+    feed = FeedClient(slot.lane) if slot is not None and slot.lane is not None else None
+    services = wiring.build(settings, processes, activity, shared, feed=feed)
     share = ConnectionShare(slot.connections, slot.index) if slot is not None else None
     grpc = partial(serving_grpc, services, processes)  # in the same event loop, on CNNSERVE_GRPC_PORT
     crowded = share.crowded if share else None
@@ -115,8 +119,9 @@ def uvicorn_logging() -> dict[str, Any]:
 
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM: in this process, or in as many as app/sizing.py says, on one port."""
-    count = sizing.process_count(settings, accelerated(settings.providers))
-    if count == 1:
+    on_accelerator = accelerated(settings.providers)
+    count = sizing.process_count(settings, on_accelerator)
+    if count == 1 and sizing.feed_mode(settings, on_accelerator) == "per-process":
         run_server(settings)
     else:
         sys.exit(supervise(settings, count))
@@ -137,4 +142,12 @@ def supervise(settings: Settings, count: int) -> int:
         target = partial(run_server, child_settings, count)
         forget = partial(mark_process_dead, path=str(shared))  # its live gauges
         state = Path(scratch) / "models.json"  # explicit mode's wanted models (app/serving/control.py)
-        return Supervisor(target, sockets, on_death=forget, models_state=state).run()
+        feed, owner = shared_feed(child_settings, count)
+        return Supervisor(target, sockets, on_death=forget, models_state=state, feed=feed, owner=owner).run()
+
+
+def shared_feed(settings: Settings, count: int) -> tuple[Feed | None, Callable[[OwnerEnds, int], None] | None]:
+    """The shared feed's region and its inference processes' target, where app/sizing.py shares."""
+    if sizing.feed_mode(settings, accelerated(settings.providers)) != "shared":
+        return None, None
+    return make_feed(settings, count), partial(run_owner, settings)

@@ -10,6 +10,11 @@ The target learns whether it replaces a process: a replacement loads its models 
 (app/http/app.py, ``lifespan_of``). The socket stays listening meanwhile, since this process holds
 it, so the connections the kernel hands it wait in its backlog instead of getting 503s; the
 requests lost are those the dead process held, which its clients see as a reset connection.
+
+With the shared feed (app/serving/feed.py) it also keeps one inference owner per GPU: started
+before the server processes (which ask it to load their models), stopped after them (so that
+their last requests are answered), and replaced under a new generation when it dies, which
+fails the batches it held with a retryable 503 and hands it the ones it had not taken.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from app.process.topology import NOT_SERVING, Slot
 from app.serving.control import NOT_APPLIED
+from app.serving.feed import Feed, OwnerEnds
 
 log = logging.getLogger("cnnserve")
 
@@ -41,8 +47,12 @@ class Supervisor:
         sockets: list[socket.socket],
         on_death: Callable[[int], None] = lambda pid: None,
         models_state: Path | None = None,
+        feed: Feed | None = None,
+        owner: Callable[[OwnerEnds, int], None] | None = None,
     ) -> None:
         self.target = target
+        self.feed, self.owner = feed, owner
+        self.owners: list[BaseProcess] = []
         self.sockets = sockets
         self.on_death = on_death
         self.context = multiprocessing.get_context("spawn")
@@ -58,29 +68,52 @@ class Supervisor:
         self.counts[index] = NOT_SERVING if replacing else 0
         self.requests[index] = 0  # a process killed with requests in flight left its count behind
         self.models_applied[index] = NOT_APPLIED  # nobody waits for a process that is starting
-        slot = Slot(self.counts, self.requests, index, self.models_applied, self.models_state)
+        lane = self.feed.lane(index) if self.feed is not None else None
+        slot = Slot(self.counts, self.requests, index, self.models_applied, self.models_state, lane)
         args = ([self.sockets[index]], slot, replacing)
         child = self.context.Process(target=self.target, args=args, name="cnnserve-server")
         child.start()
         log.info("started server process %d%s", child.pid, " (it loads its models, then serves)" if replacing else "")
         return child
 
+    def start_owner(self, index: int, generation: int = 0) -> BaseProcess:
+        assert self.feed is not None and self.owner is not None  # only called with the shared feed
+        args = (self.feed.owner(index), generation)
+        owner = self.context.Process(target=self.owner, args=args, name="cnnserve-inference")
+        owner.start()
+        log.info("started inference process %d for GPU %d (generation %d)", owner.pid, index, generation)
+        return owner
+
     def forward(self, sig: int, _frame: object = None) -> None:
         self.stopping.set()
-        for child in self.children:
-            if child.is_alive() and child.pid is not None:  # alive, so started: pid is set
-                os.kill(child.pid, sig)
+        signal_all(self.children, sig)
 
     def run(self) -> int:
         """Serves until SIGTERM or SIGINT; returns the exit status (1 if a child could not start)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.forward)
+        if self.feed is not None:
+            self.owners = [self.start_owner(i) for i in range(self.feed.layout.owners)]
         self.children = [self.start_child(i) for i in range(len(self.sockets))]
         while not self.stopping.wait(POLL_SECONDS):
             self.replace_dead()
+            self.replace_dead_owners()
         for child in self.children:
             child.join()
+        signal_all(self.owners, signal.SIGTERM)
+        for owner in self.owners:
+            owner.join()
+        if self.feed is not None:
+            self.feed.close()
         return 1 if self.failed else 0
+
+    def replace_dead_owners(self) -> None:
+        """A dead inference owner is replaced under a new generation (app/serving/feed.py)."""
+        for i, owner in enumerate(self.owners):
+            if owner.is_alive() or self.stopping.is_set() or self.feed is None:
+                continue
+            log.error("inference process %d died (exit code %s); starting another", owner.pid, owner.exitcode)
+            self.owners[i] = self.start_owner(i, self.feed.replaced_owner(i))
 
     def replace_dead(self) -> None:
         for i, child in enumerate(self.children):
@@ -95,3 +128,9 @@ class Supervisor:
                 return
             log.error("server process %d died (exit code %s); starting another", child.pid, child.exitcode)
             self.children[i] = self.start_child(i, replacing=True)
+
+
+def signal_all(processes: list[BaseProcess], sig: int) -> None:
+    for process in processes:
+        if process.is_alive() and process.pid is not None:  # alive, so started: pid is set
+            os.kill(process.pid, sig)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.serving.feed import Lane
+
 REBALANCE_SECONDS = 0.05  # at most one connection asked to reconnect per process per interval
 NOT_SERVING = -1  # the count of a process that does not accept connections yet
 
@@ -42,6 +44,7 @@ class Slot:
     index: int
     models_applied: Any = None  # per process, the generation of the wanted models it applied
     models_state: Path | None = None  # the wanted models, for explicit mode (app/serving/control.py)
+    lane: Lane | None = None  # this process's end of the shared feed (app/serving/feed.py), if there is one
 
 
 class ConnectionShare:

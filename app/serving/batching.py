@@ -133,7 +133,6 @@ class Batcher:
         workers: int,
         capacity: int,
         metrics: Metrics,
-        pad_to: int | None = None,
         run_alone: Callable[[np.ndarray], np.ndarray] | None = None,
         activity: Activity | None = None,
         inline_batch: int = 0,
@@ -150,7 +149,6 @@ class Batcher:
         self.max_queue = max_queue
         self.workers = workers
         self.capacity = capacity  # images admitted at once: app/sizing.py decides
-        self.pad_to = pad_to  # run every batch at this size (zeros fill it; larger ones in chunks)
         self.metrics = metrics
         self.observe_queue = metrics.queue_seconds.labels(name).observe
         self.set_depth = metrics.queue_depth.labels(name).set
@@ -342,23 +340,12 @@ class Batcher:
 
     def _infer(self, batch: np.ndarray, requests: int) -> np.ndarray:
         """The model's rows for ``batch`` (of ``requests`` requests): on every core's threads when
-        nothing else is in flight; with ``pad_to``, from runs of exactly that many images, because
-        on CUDA a session whose input shape changes between runs pays cuDNN's set-up again
-        (measured on an H200: EfficientNet-Lite0 at batches of 1 to 8 in turn ran 7 images a
-        second, against 4,793 at a fixed batch of 8 and 948 at a fixed batch of 1)."""
-        size = self.pad_to
-        if size is None:
-            if self.run_alone is not None and self.inbox.empty() and self.activity.alone(requests):
-                return self.run_alone(batch)
-            return self.run(batch)
-        rows = []
-        for start in range(0, len(batch), size):
-            chunk = batch[start : start + size]
-            real = len(chunk)
-            if real < size:
-                chunk = np.concatenate([chunk, np.zeros((size - real, *chunk.shape[1:]), chunk.dtype)])
-            rows.append(self.run(chunk)[:real])
-        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+        nothing else is in flight. On an accelerator ``run`` itself runs fixed batch shapes
+        (app/serving/runtime.py, ``ShapedRunner``), or hands the batch to the shared feed's
+        inference process (app/serving/feed.py)."""
+        if self.run_alone is not None and self.inbox.empty() and self.activity.alone(requests):
+            return self.run_alone(batch)
+        return self.run(batch)
 
     @staticmethod
     def _hand_back(live: list[tuple[Pending, np.ndarray]], output: np.ndarray) -> None:

@@ -24,8 +24,10 @@ from pydantic import ValidationError
 from app import sizing
 from app.config import Settings
 from app.metrics import Metrics
+from app.serving import accelerated
 from app.serving.activity import Activity
 from app.serving.batching import Batcher
+from app.serving.feed import FeedClient, FeedRefused, encode_key
 from app.serving.inspect.featuremaps import Analysis, FeatureMapSession, LazyFeatureMaps
 from app.serving.runtime import CPU, ProviderUnavailable, create_session
 from app.serving.schemas import Tensor
@@ -34,6 +36,7 @@ from app.serving.spec import InputSpec, ModelSpec
 log = logging.getLogger("cnnserve.loader")
 
 FLAT_VERSION = "1"  # the version of a model kept flat: model.onnx beside model.json
+FEED_LOAD_SECONDS = 900  # the inference process's load and warm-up (a TensorRT engine build takes minutes)
 
 
 class ModelRefused(Exception):
@@ -87,11 +90,14 @@ def load(
     *,
     name: str | None = None,
     version: str = FLAT_VERSION,
+    feed: FeedClient | None = None,
 ) -> Model:
     """The model ``name`` (the folder's name by default) at ``version``, from ``folder`` (the model's
     own, or one of its numbered version folders). Everything is checked and measured before the
     model exists, and every batch size it can be asked to run has run once (the first run of a
-    shape allocates); raises ModelRefused. model.json's ``serving`` overrides the settings."""
+    shape allocates); raises ModelRefused. model.json's ``serving`` overrides the settings. With a
+    ``feed``, the shared feed's inference process runs the batches: this process's own session,
+    on the CPU, only checks the model and serves its feature maps."""
     started = time.perf_counter()
     fingerprint = fingerprint_of(folder)
     spec = read_spec(folder, name)
@@ -100,27 +106,32 @@ def load(
     proto = parse_onnx(onnx_bytes)
     external = check_external_data(proto, folder)
     source = str(folder / "model.onnx") if external else onnx_bytes
-    guess = sizing.first_guess(settings, processes)
-    session = open_session(source, settings.providers, guess)
+    own = "cpu" if feed is not None else settings.providers  # a feed's server process holds no CUDA context
+    guess = 1 if feed is not None else sizing.first_guess(settings, processes)
+    session = open_session(source, own, guess)
     model_input, model_output = check_signature(spec, session)
     providers = tuple(session.get_providers())
-    plan = sizing.plan(settings, processes, warm_up(spec, session), providers[0] == CPU)
+    seconds = warm_up(spec, session)
+    if feed is not None:
+        plan = sizing.feed_plan(settings, processes)
+    else:
+        plan = sizing.plan(settings, processes, seconds, providers[0] == CPU)
     if plan.threads != guess:
-        session = open_session(source, settings.providers, plan.threads)
-    alone = open_session(source, settings.providers, plan.alone_threads) if plan.alone_threads else None
+        session = open_session(source, own, plan.threads)
+    alone = open_session(source, own, plan.alone_threads) if plan.alone_threads else None
     for warmed in (session, alone):
         for size in plan.warm_batches if warmed else ():
             warm_up(spec, warmed, size)
+    run, providers = inference(folder, spec, proto, settings, plan, feed, version) or (runner(session, spec), providers)
     batcher = Batcher(
         spec.name,
-        runner(session, spec),
-        max_batch=settings.max_batch_size,
+        run,
+        max_batch=plan.max_batch,
         max_delay=settings.max_queue_delay_ms / 1000,
         max_queue=settings.max_queue,
         workers=plan.workers,
         capacity=plan.capacity,
         metrics=metrics,
-        pad_to=plan.pad_to,
         run_alone=runner(alone, spec) if alone else None,
         activity=activity,
         inline_batch=plan.inline_batch,
@@ -147,6 +158,50 @@ def load(
         version=version,
         fingerprint=fingerprint,
     )
+
+
+def inference(
+    folder: Path,
+    spec: ModelSpec,
+    proto: onnx.ModelProto,
+    settings: Settings,
+    plan: sizing.Plan,
+    feed: FeedClient | None,
+    version: str,
+) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[str, ...]] | None:
+    """The batcher's call and the provider it runs on, where it is not this process's session:
+    the shared feed's inference process (which loads and warms the model before this returns),
+    or this process's own accelerator session at fixed batch shapes (app/serving/accelerated.py)."""
+    if feed is not None:
+        return feed_runner(feed, folder, spec, settings, version)
+    if not plan.shapes:
+        return None
+    if check_external_data(proto, folder):
+        onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+    try:
+        shaped = accelerated.build(proto, folder, spec, settings)
+    except accelerated.Refused as error:
+        raise ModelRefused(str(error)) from None
+    log.info("model %s: %s", spec.name, shaped.describe())
+    return shaped.runner.run, (shaped.provider,)
+
+
+def feed_runner(
+    feed: FeedClient, folder: Path, spec: ModelSpec, settings: Settings, version: str
+) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[str, ...]]:
+    """The call that hands a batch to the shared feed's inference process, once it has the model."""
+    try:
+        key = encode_key(spec.name, version, str(folder.resolve()), spec.sha256)
+        loaded = feed.load(key, FEED_LOAD_SECONDS)
+    except FeedRefused as error:
+        raise ModelRefused(f"the inference process refused it: {error}") from None
+    log.info("model %s version %s runs in the inference process: %s", spec.name, version, loaded.description)
+    timeout = settings.request_timeout_s
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return feed.run(key, batch, timeout)
+
+    return run, (loaded.provider,)
 
 
 def fingerprint_of(folder: Path) -> tuple[object, ...]:

@@ -35,6 +35,7 @@ from app.metrics import Metrics
 from app.serving import loader
 from app.serving.activity import Activity
 from app.serving.errors import BadRequest, NotFound, Unavailable
+from app.serving.feed import FeedClient
 from app.serving.loader import FLAT_VERSION, Model, ModelRefused, Refusal, fingerprint_of, read_spec
 from app.serving.spec import NAME_PATTERN
 
@@ -57,8 +58,16 @@ class IndexEntry:
 
 
 class Repository:
-    def __init__(self, settings: Settings, metrics: Metrics, processes: int, activity: Activity | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        processes: int,
+        activity: Activity | None = None,
+        feed: FeedClient | None = None,
+    ) -> None:
         self.settings = settings
+        self.feed = feed  # the shared feed's inference process runs the batches, if there is one
         self.metrics = metrics
         self.processes = processes
         self.activity = activity or Activity()  # shared by every model: a request anywhere is activity
@@ -168,7 +177,14 @@ class Repository:
             started = time.perf_counter()
             try:
                 model = loader.load(
-                    folder, self.settings, self.metrics, self.processes, self.activity, name=name, version=version
+                    folder,
+                    self.settings,
+                    self.metrics,
+                    self.processes,
+                    self.activity,
+                    name=name,
+                    version=version,
+                    feed=self.feed,
                 )
             except ModelRefused as refused:
                 failures[version] = str(refused)

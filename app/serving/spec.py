@@ -164,6 +164,11 @@ class ServingOverrides(Strict):
     max_queue: int | None = Field(default=None, ge=1)
     inference_workers: int | None = Field(default=None, ge=0, le=64)
     intra_op_threads: int | None = Field(default=None, ge=0)
+    precision: Literal["fp32", "fp16"] | None = Field(
+        default=None,
+        description="on an accelerator: fp16 converts the model at load, refused unless it keeps every sample's "
+        "top-1 and its logits within 1% of their fp32 spread",
+    )
 
     def given(self) -> dict[str, Any]:
         return {key: value for key, value in self.model_dump().items() if value is not None}

@@ -350,26 +350,6 @@ def test_other_work_runs_alone_on_the_models_own_threads(lenet):
     assert thread == "infer-lenet5-0" and sizes_then == [1]
 
 
-def test_padded_batches_run_at_one_size_and_each_request_gets_only_its_rows(lenet):
-    """On an accelerator every batch runs at one shape: fewer images are filled with zeros, more
-    run in chunks; the rows handed back are the real ones, as the unpadded model gives them."""
-    session, images = lenet
-    gate = Gate(session)
-    gate.open.set()
-    b = batcher(gate, pad_to=4)
-
-    async def scenario() -> list[np.ndarray]:
-        rows = [await b.submit(images[:1], timeout=10), await b.submit(images[:6], timeout=10)]
-        await b.close()
-        return rows
-
-    one, six = asyncio.run(scenario())
-    expected = session.run(None, {"input": images[:6]})[0]
-    assert gate.sizes == [4, 4, 4]
-    assert one.shape == (1, 10) and np.allclose(one, expected[:1], atol=1e-5)
-    assert six.shape == (6, 10) and np.allclose(six, expected, atol=1e-5)
-
-
 class Recorder:
     """A model call that records the thread it ran on and the batch sizes it was given."""
 

@@ -85,10 +85,10 @@ def test_served_models_got_workers_by_their_measured_speed(client):
     assert models["efficientnet_lite0"].batcher.workers == available_cpus()
 
 
-def test_on_an_accelerator_one_worker_runs_every_batch_at_one_size_warmed_at_load():
+def test_on_an_accelerator_one_worker_runs_batches_at_the_fixed_shapes():
     chosen = plan(Settings(), processes=1, seconds_per_image=0.003, on_cpu=False)
     assert (chosen.workers, chosen.threads, chosen.decode) == (1, 1, "pool")
-    assert chosen.pad_to == 8 and chosen.warm_batches == (8,)
+    assert chosen.shapes == (1, 8, 32) and chosen.max_batch == chosen.pad_to == 32
     assert plan(Settings(), processes=1, seconds_per_image=0.003, on_cpu=True).pad_to is None
 
 
@@ -114,13 +114,19 @@ def test_on_the_cpu_the_service_starts_a_process_per_core_up_to_a_bound():
     assert process_count(Settings(providers="cpu", processes=3), accelerated=False) == 3
 
 
-def test_with_an_accelerator_one_process_owns_it():
-    assert process_count(Settings(), accelerated=True) == 1
+def test_with_an_accelerator_every_core_but_the_inference_process_decodes():
+    assert process_count(Settings(), accelerated=True) == max(1, available_cpus() - 1)
+    assert process_count(Settings(gpus=2), accelerated=True) == max(1, available_cpus() - 2)
 
 
-def test_demanded_cuda_it_cannot_have_starts_one_process_that_refuses_the_models():
-    assert accelerated("cuda")  # on this CPU machine: one process, whose models are all refused
-    assert process_count(Settings(providers="cuda"), accelerated("cuda")) == 1
+def test_with_a_cuda_session_per_process_their_count_is_capped():
+    per_process = Settings(feed="per-process", max_cuda_processes=1)
+    assert process_count(per_process, accelerated=True) == 1
+    assert process_count(per_process.model_copy(update={"processes": 8}), accelerated=True) == 1
+
+
+def test_a_demanded_cuda_counts_as_an_accelerator_so_that_its_refusals_show():
+    assert accelerated("cuda")  # on this CPU machine the models are then refused, visibly
     assert not accelerated("cpu")
 
 

@@ -1,0 +1,130 @@
+"""Fixed batch shapes with bound buffers, FP16 checked at load, and TensorRT reported: what a model
+gets on an accelerator, run here on the CPU provider with real sessions."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from app.config import Settings
+from app.serving import accelerated, precision
+from app.serving.loader import read_spec
+from app.serving.runtime import CPU, ShapedRunner, tensorrt_status
+
+from ..conftest import MODELS
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    session = ort.InferenceSession(str(MODELS / "lenet5" / "model.onnx"), providers=[CPU])
+    images = np.random.default_rng(7).normal(size=(40, 1, 28, 28)).astype(np.float32)
+    return session, images
+
+
+class Counting:
+    """A real session that records the batch size of every bound run."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session, self.sizes = session, []
+
+    def io_binding(self):
+        return self.session.io_binding()
+
+    def run_with_iobinding(self, binding) -> None:
+        self.sizes.append(binding.get_outputs()[0].shape()[0])
+        self.session.run_with_iobinding(binding)
+
+
+def runner_of(session, shapes=(1, 4, 16)) -> tuple[ShapedRunner, Counting]:
+    counting = Counting(session)
+    return ShapedRunner(dict.fromkeys(shapes, counting), ("input", "logits"), (1, 28, 28, 10)), counting
+
+
+def test_a_batch_runs_at_the_smallest_shape_that_holds_it(lenet):
+    session, images = lenet
+    runner, counting = runner_of(session)
+    for size in (1, 3, 4, 5, 16):
+        runner.run(images[:size])
+    assert counting.sizes == [1, 4, 4, 16, 16]
+
+
+def test_each_batch_gets_exactly_its_own_rows_as_the_unbound_session_gives_them(lenet):
+    session, images = lenet
+    runner, _ = runner_of(session)
+    runner.run(images[20:36])  # leaves other images in the bound buffer's rows
+    for size in (1, 3, 7):
+        expected = session.run(None, {"input": images[:size]})[0]
+        assert np.allclose(runner.run(images[:size]), expected, atol=1e-5)
+
+
+def test_a_batch_larger_than_the_largest_shape_runs_in_chunks_of_it(lenet):
+    session, images = lenet
+    runner, counting = runner_of(session)
+    rows = runner.run(images[:37])
+    assert counting.sizes == [16, 16, 16]
+    assert np.allclose(rows, session.run(None, {"input": images[:37]})[0], atol=1e-5)
+
+
+def test_parts_from_several_requests_are_copied_into_one_run(lenet):
+    session, images = lenet
+    runner, counting = runner_of(session)
+    with runner.lock:
+        rows = runner.run_parts([images[:1], images[1:4]]).copy()
+    assert counting.sizes == [4]
+    assert np.allclose(rows, session.run(None, {"input": images[:4]})[0], atol=1e-5)
+
+
+def test_fp16_is_served_when_it_keeps_every_top1_and_its_logits_close():
+    spec = read_spec(MODELS / "lenet5")
+    settings = Settings(precision="fp16", batch_shapes="1,4", providers="cpu")
+    shaped = accelerated.build(onnx.load(MODELS / "lenet5" / "model.onnx"), MODELS / "lenet5", spec, settings)
+    assert shaped.precision == "fp16" and 0 < shaped.fp16_change <= precision.FP16_TOLERANCE
+    assert "fp16" in shaped.describe() and shaped.provider == CPU
+
+
+def test_fp16_that_moves_logits_beyond_the_tolerance_is_refused_with_the_figure(lenet):
+    session, images = lenet
+
+    def fp32(batch):
+        return session.run(None, {"input": batch})[0]
+
+    def moved(batch):
+        logits = fp32(batch)
+        return logits + 0.05 * (logits.max() - logits.min()) * (np.arange(logits.shape[1]) == logits.argmin(axis=1)[:, None])
+
+    with pytest.raises(precision.PrecisionRefused, match="5.00% of the FP32 spread"):
+        precision.check(fp32, moved, images[:4])
+
+
+def test_fp16_that_changes_a_top1_is_refused(lenet):
+    session, images = lenet
+
+    def fp32(batch):
+        return session.run(None, {"input": batch})[0]
+
+    def flipped(batch):
+        return fp32(batch)[:, ::-1]
+
+    with pytest.raises(precision.PrecisionRefused, match="top-1 of 4 of 4"):
+        precision.check(fp32, flipped, images[:4])
+
+
+def test_samples_without_a_samples_folder_are_the_same_synthetic_images_every_time():
+    spec = read_spec(MODELS / "efficientnet_lite0")
+    first = precision.samples(MODELS / "efficientnet_lite0", spec.input, 50_000_000)
+    assert first.shape == (precision.SYNTHETIC_SAMPLES, 3, 224, 224)
+    assert np.array_equal(first, precision.samples(MODELS / "efficientnet_lite0", spec.input, 50_000_000))
+
+
+def test_tensorrt_is_reported_absent_with_the_reason_where_onnxruntime_lacks_it():
+    assert tensorrt_status([CPU]).startswith("absent: ")
+    assert tensorrt_status([CPU, "TensorrtExecutionProvider"]) == "present"
+
+
+def test_a_demanded_cuda_this_machine_lacks_refuses_the_model_with_the_reason():
+    spec = read_spec(MODELS / "lenet5")
+    settings = Settings(providers="cuda", batch_shapes="1,4")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(accelerated.Refused, match="onnxruntime-gpu"):
+        accelerated.build(onnx.load(MODELS / "lenet5" / "model.onnx"), MODELS / "lenet5", spec, settings)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -180,6 +180,14 @@ class Settings(BaseSettings):
     @property
     def batch_shape_list(self) -> tuple[int, ...]:
         return tuple(sorted({int(size) for size in self.batch_shapes.split(",")}))
+
+    @model_validator(mode="after")
+    def _tls_needs_both_halves(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("CNNSERVE_TLS_CERT and CNNSERVE_TLS_KEY go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("CNNSERVE_TLS_CLIENT_CA needs CNNSERVE_TLS_CERT and CNNSERVE_TLS_KEY")
+        return self
 
     @property
     def load_model_list(self) -> list[str]:

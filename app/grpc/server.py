@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 
+from app.config import Settings
 from app.grpc import inference_pb2 as pb
 from app.grpc.servicer import SERVICE, Servicer
 from app.serving.services import Services
@@ -45,6 +46,21 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """The port, over TLS with CNNSERVE_TLS_CERT and _KEY (client certificates signed by
+    CNNSERVE_TLS_CLIENT_CA required when it is set), else in clear."""
+    where = address(settings.host, settings.grpc_port)
+    if settings.tls_cert is None or settings.tls_key is None:
+        return int(server.add_insecure_port(where))
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return int(server.add_secure_port(where, credentials))
+
+
 @asynccontextmanager
 async def serving(services: Services, processes: int = 1) -> AsyncIterator[int]:
     """The gRPC server on CNNSERVE_GRPC_PORT for the block (nothing when it is 0); yields the
@@ -64,7 +80,7 @@ async def serving(services: Services, processes: int = 1) -> AsyncIterator[int]:
     )
     server.add_generic_rpc_handlers((handlers(Servicer(services)),))
     try:
-        port = server.add_insecure_port(address(settings.host, settings.grpc_port))
+        port = bind(server, settings)
     except RuntimeError as error:
         raise RuntimeError(f"cannot listen for gRPC on {address(settings.host, settings.grpc_port)}: {error}") from None
     await server.start()

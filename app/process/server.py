@@ -11,6 +11,7 @@ import copy
 import logging
 import os
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -27,6 +28,7 @@ from app import sizing, tracing
 from app.config import Settings
 from app.grpc.server import serving as serving_grpc
 from app.http.app import configure_logging, create_app
+from app.process.connection import connection_class
 from app.process.inference import make_feed, run_owner
 from app.process.supervisor import Supervisor
 from app.process.topology import ConnectionShare, Slot, listening_sockets
@@ -77,16 +79,19 @@ def run_server(
     sockets: list[socket.socket] | None = None,
     slot: Slot | None = None,
     replacing: bool = False,
+    *,
+    buckets: Path | None = None,
 ) -> None:
     """One server process; one of ``processes`` when the supervisor gives it a ``slot`` in the
-    counts they share (connections, requests in flight). A process ``replacing`` one that died
-    loads its models before it accepts a connection (app/http/app.py, ``lifespan_of``)."""
+    counts they share (connections, requests in flight) and the file of rate-limit ``buckets``. A
+    process ``replacing`` one that died loads its models before it accepts a connection
+    (app/http/app.py, ``lifespan_of``)."""
     activity = Activity(slot.requests, slot.index) if slot is not None else None
     shared = None
     if slot is not None and slot.models_state is not None:
         shared = Shared(slot.models_state, slot.models_applied, slot.index)
     feed = FeedClient(slot.lane) if slot is not None and slot.lane is not None else None
-    services = wiring.build(settings, processes, activity, shared, feed=feed)
+    services = wiring.build(settings, processes, activity, shared, buckets, feed=feed)
     share = ConnectionShare(slot.connections, slot.index) if slot is not None else None
     grpc = partial(serving_grpc, services, processes)  # in the same event loop, on CNNSERVE_GRPC_PORT
     crowded = share.crowded if share else None
@@ -98,12 +103,25 @@ def run_server(
         log_level=settings.log_level,
         log_config=uvicorn_logging(),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        http=connection_class(settings.header_timeout_s, services.metrics),
+        **tls_options(settings),
     )
     server = DrainingServer(config, services, share)
     server.run(sockets)
     tracing.shutdown()  # what is still buffered is exported before the process ends
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options: HTTPS with CNNSERVE_TLS_CERT and _KEY, client certificates signed by
+    CNNSERVE_TLS_CLIENT_CA required (mTLS) when it is set."""
+    if settings.tls_cert is None:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    if settings.tls_client_ca is not None:
+        options |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
 
 
 def uvicorn_logging() -> dict[str, Any]:
@@ -139,7 +157,8 @@ def supervise(settings: Settings, count: int) -> int:
         child_settings = settings.model_copy(update={"prometheus_multiproc_dir": Path(shared)})
         sockets = listening_sockets(settings.host, settings.port, count)
         log.info("serving on http://%s:%d with %d processes", settings.host, settings.port, count)
-        target = partial(run_server, child_settings, count)
+        buckets = Path(scratch) / "ratelimit.buckets"  # every process's rate-limit buckets (app/serving/ratelimit.py)
+        target = partial(run_server, child_settings, count, buckets=buckets)
         forget = partial(mark_process_dead, path=str(shared))  # its live gauges
         state = Path(scratch) / "models.json"  # explicit mode's wanted models (app/serving/control.py)
         feed, owner = shared_feed(child_settings, count)

@@ -21,11 +21,13 @@ bounds none of them.
   waits for ``100 Continue`` and was never asked for is not asked for then: the connection closes
   at once.
 
-A client that stalls in the middle of its headers is not bounded here, nor anywhere: the app sees
-a request only once its headers are complete, and uvicorn has no option for it
-(``timeout_keep_alive`` counts only the wait between requests, after a response;
-``h11_max_incomplete_event_size`` bounds the headers' size, not their time, and only with h11,
-while we run httptools). A proxy in front bounds it (nginx's ``client_header_timeout``).
+Served by ``cnnserve serve``, the connection does that last part itself (app/process/connection.py,
+which says so in ``scope["extensions"]``): it lingers, reading and dropping the rest of the body
+below the app, far cheaper than receiving it here message by message, and bounded in time and
+bytes. Here (``uvicorn app.main:app``, tests in process) the body is drained through the app.
+
+A client that stalls in the middle of its headers is not bounded here: the app sees a request only
+once its headers are complete. app/process/connection.py bounds it (CNNSERVE_HEADER_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from contextlib import suppress
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.http.errors import send_error
+from app.process.connection import LINGER_EXTENSION
 from app.serving.errors import PayloadTooLarge, RequestTimeout
 
 CLOSE = (b"connection", b"close")
@@ -76,6 +79,7 @@ class Upload:
         "loop",
         "max_bytes",
         "received",
+        "server_lingers",
         "source",
         "timeout_s",
         "waits_for_continue",
@@ -88,6 +92,7 @@ class Upload:
         self.deadline = self.loop.time() + timeout_s
         self.complete = False
         self.waits_for_continue = expects_continue(scope)
+        self.server_lingers = LINGER_EXTENSION in scope.get("extensions", {})
         self.received = 0
         self.answered = False
         self.closing = False
@@ -138,8 +143,9 @@ class Upload:
 
     async def drain(self) -> None:
         """Read and drop the rest of the body, up to the limit and the deadline, or until the
-        client leaves; a body that waits for 100 Continue is never asked for."""
-        if self.waits_for_continue:
+        client leaves; a body that waits for 100 Continue is never asked for, and one whose server
+        lingers is left to it."""
+        if self.waits_for_continue or self.server_lingers:
             return
         with suppress(RequestTimeout, PayloadTooLarge):
             while not self.complete and (await self.receive())["type"] == "http.request":

@@ -317,7 +317,9 @@ def stage_model(
     staging.mkdir()
     try:
         _copy_onnx(onnx_file, staging)
-        (staging / "model.json").write_text(model.model_dump_json(indent=2, exclude_defaults=True) + "\n")
+        written = model.model_dump(mode="json", exclude_defaults=True)
+        written["input"] = model.input.model_dump(mode="json", exclude_none=True)  # every field, for the reader
+        (staging / "model.json").write_text(json.dumps(written, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

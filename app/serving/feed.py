@@ -259,9 +259,14 @@ class FeedClient:
         threading.Thread(target=self._receive, name="feed-answers", daemon=True).start()
 
     def _receive(self) -> None:
-        """Wakes the caller waiting on each slot the owner answers."""
+        """Wakes the caller waiting on each slot the owner answers (callers also look every
+        POLL_SECONDS, so a wake-up lost with a closed pipe costs time, not an answer)."""
         while True:
-            for slot in os.read(self.lane.answers.fd, 4096):
+            try:
+                answered = os.read(self.lane.answers.fd, 4096)
+            except OSError:
+                return
+            for slot in answered:
                 if slot < len(self.events):
                     self.events[slot].set()
 

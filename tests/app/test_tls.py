@@ -1,0 +1,228 @@
+"""TLS and mutual TLS on HTTP and gRPC, with a CA made here (trustme), against a real `cnnserve
+serve`, with each client a user would take: curl, httpx, and tritonclient over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+import trustme
+from tritonclient.utils import InferenceServerException
+
+from ..conftest import MODELS, ROOT, free_port
+
+STARTUP_S = 60.0
+
+
+@dataclass
+class Files:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path  # certificate and key in one PEM, as curl and httpx take it
+    client_key: Path
+    stranger_cert: Path  # signed by another CA
+
+
+@dataclass
+class Server:
+    https: str
+    grpc: str
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Files:
+    folder = tmp_path_factory.mktemp("tls")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client@example.org")
+    stranger = other_ca.issue_cert("stranger@example.org")
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    server.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
+    server.private_key_pem.write_to_path(str(folder / "server.key"))
+    client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
+    client.private_key_pem.write_to_path(str(folder / "client.key"))
+    stranger.private_key_and_cert_chain_pem.write_to_path(str(folder / "stranger.pem"))
+    return Files(
+        folder / "ca.pem",
+        folder / "server.pem",
+        folder / "server.key",
+        folder / "client.pem",
+        folder / "client.key",
+        folder / "stranger.pem",
+    )
+
+
+@contextmanager
+def tls_server(files: Files, models: Path, **env: str) -> Iterator[Server]:
+    """``cnnserve serve`` over TLS on free ports; ready once /readyz answers over HTTPS."""
+    port, grpc_port = free_port(), free_port()
+    environment = {
+        **os.environ,
+        "CNNSERVE_PORT": str(port),
+        "CNNSERVE_GRPC_PORT": str(grpc_port),
+        "CNNSERVE_PROCESSES": "1",
+        "CNNSERVE_MODELS_DIR": str(models),
+        "CNNSERVE_DEFAULT_MODEL": "lenet5",
+        "CNNSERVE_TLS_CERT": str(files.server_cert),
+        "CNNSERVE_TLS_KEY": str(files.server_key),
+        **env,
+    }
+    process = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=environment)
+    server = Server(f"https://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
+    try:
+        wait_ready(server.https, files, process)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def context(files: Files, with_certificate: bool = False) -> ssl.SSLContext:
+    """What httpx verifies the server with, and presents as the client's certificate if asked."""
+    verify = ssl.create_default_context(cafile=str(files.ca))
+    if with_certificate:
+        verify.load_cert_chain(str(files.client_cert), str(files.client_key))
+    return verify
+
+
+def wait_ready(url: str, files: Files, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", verify=context(files, True), timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, "the server exited before it was ready"
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(MODELS / "lenet5", folder / "lenet5")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tls(files, models) -> Iterator[Server]:
+    with tls_server(files, models) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mtls(files, models) -> Iterator[Server]:
+    with tls_server(files, models, CNNSERVE_TLS_CLIENT_CA=str(files.ca)) as server:
+        yield server
+
+
+def curl(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *arguments], capture_output=True, text=True
+    )
+
+
+def tensor() -> np.ndarray:
+    return np.zeros((1, 1, 28, 28), np.float32)
+
+
+def test_curl_reads_https_with_the_ca(tls, files):
+    assert curl("--cacert", str(files.ca), f"{tls.https}/models").stdout == "200"
+
+
+def test_curl_refuses_a_server_it_cannot_verify(tls):
+    assert curl(f"{tls.https}/models").returncode == 60  # SSL certificate problem
+
+
+def test_plain_http_on_the_tls_port_gets_no_answer(tls):
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(tls.https.replace("https", "http") + "/healthz", timeout=5)
+
+
+def test_httpx_classifies_over_https(tls, files, photos):
+    response = httpx.post(
+        f"{tls.https}/classify", files={"file": photos["chelsea"].read_bytes()}, verify=context(files), timeout=30
+    )
+    assert response.status_code == 200 and response.json()["model"] == "lenet5"
+
+
+def test_tritonclient_http_infers_over_https(tls, files):
+    import gevent.ssl
+
+    client = triton_http.InferenceServerClient(
+        tls.https.removeprefix("https://"),
+        ssl=True,
+        ssl_options={"ca_certs": str(files.ca)},
+        ssl_context_factory=gevent.ssl.create_default_context,
+    )
+    x = triton_http.InferInput("input", [1, 1, 28, 28], "FP32")
+    x.set_data_from_numpy(tensor())
+    try:
+        assert client.infer("lenet5", [x]).as_numpy("logits").shape == (1, 10)
+    finally:
+        client.close()
+
+
+def test_tritonclient_grpc_infers_over_tls(tls, files):
+    client = triton_grpc.InferenceServerClient(tls.grpc, ssl=True, root_certificates=str(files.ca))
+    x = triton_grpc.InferInput("input", [1, 1, 28, 28], "FP32")
+    x.set_data_from_numpy(tensor())
+    try:
+        assert client.infer("lenet5", [x]).as_numpy("logits").shape == (1, 10)
+    finally:
+        client.close()
+
+
+def test_mtls_admits_a_client_certificate_signed_by_the_ca(mtls, files):
+    cert = ("--cacert", str(files.ca), "--cert", str(files.client_cert), "--key", str(files.client_key))
+    assert curl(*cert, f"{mtls.https}/models").stdout == "200"
+    response = httpx.get(f"{mtls.https}/models", verify=context(files, True))
+    assert response.status_code == 200
+
+
+def test_mtls_refuses_a_client_without_a_certificate(mtls, files):
+    assert curl("--cacert", str(files.ca), f"{mtls.https}/models").stdout == "000"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{mtls.https}/models", verify=context(files), timeout=5)
+
+
+def test_mtls_refuses_a_certificate_from_another_ca(mtls, files):
+    assert curl("--cacert", str(files.ca), "--cert", str(files.stranger_cert), f"{mtls.https}/models").stdout == "000"
+
+
+def test_mtls_on_grpc_admits_the_ca_s_client_and_refuses_others(mtls, files):
+    x = triton_grpc.InferInput("input", [1, 1, 28, 28], "FP32")
+    x.set_data_from_numpy(tensor())
+    good = triton_grpc.InferenceServerClient(
+        mtls.grpc,
+        ssl=True,
+        root_certificates=str(files.ca),
+        private_key=str(files.client_key),
+        certificate_chain=str(files.client_cert),
+    )
+    anonymous = triton_grpc.InferenceServerClient(mtls.grpc, ssl=True, root_certificates=str(files.ca))
+    try:
+        assert good.infer("lenet5", [x]).as_numpy("logits").shape == (1, 10)
+        with pytest.raises(InferenceServerException) as refused:
+            anonymous.infer("lenet5", [x], client_timeout=10)
+        assert refused.value.status() in {str(grpc.StatusCode.UNAVAILABLE), str(grpc.StatusCode.DEADLINE_EXCEEDED)}
+    finally:
+        good.close()
+        anonymous.close()

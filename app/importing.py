@@ -156,7 +156,7 @@ def export_from_framework(args: argparse.Namespace, workdir: Path) -> Exported |
         raise importer.ImportRefused(
             f"importing {source} needs PyTorch ({missing}): pip install 'cnnserve[train]', or export it to ONNX first"
         ) from None
-    exported: Exported = framework.export(source, workdir, torchvision=args.torchvision, timm=args.timm)
+    exported: Exported = framework.export(source, workdir, torchvision=args.torchvision, timm=args.timm, size=args.size)
     return exported
 
 

@@ -26,7 +26,7 @@ from app.importing import Exported
 from app.serving import importer, preprocess
 from app.serving.presets import on_pixel_scale
 from app.serving.spec import InputSpec, ModelSpec, Source
-from training.export import check_parity, to_onnx
+from training.export import OPSET, check_graph, check_parity, to_onnx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only, never the hub
 PARITY_BATCH = 8
@@ -34,8 +34,16 @@ PARITY_BATCH = 8
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
-def export(source: Path, workdir: Path, *, torchvision: str | None = None, timm: str | None = None) -> Exported:
-    """``source`` exported to ``workdir/model.onnx``, with what its framework knows."""
+def export(
+    source: Path,
+    workdir: Path,
+    *,
+    torchvision: str | None = None,
+    timm: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> Exported:
+    """``source`` exported to ``workdir/model.onnx``, with what its framework knows; ``size`` is
+    the input's height and width where the framework does not record it (TorchScript)."""
     if torchvision:
         model, found = from_torchvision(torchvision, source)
     elif timm:
@@ -44,13 +52,20 @@ def export(source: Path, workdir: Path, *, torchvision: str | None = None, timm:
         model, found = from_huggingface(source)
     else:
         model, found = from_program(source)
-    height, width = found.preprocessing.get("height", 224), found.preprocessing.get("width", 224)
-    example = torch.zeros(2, 3, height, width)  # batch 1 would let the exporter specialise on it
+    height, width = size or (found.preprocessing.get("height", 224), found.preprocessing.get("width", 224))
     onnx_file = workdir / "model.onnx"
-    to_onnx(model, example, onnx_file)
-    check_parity(
-        model, onnx_file, np.random.default_rng(0).standard_normal((PARITY_BATCH, 3, height, width), np.float32)
-    )
+    if isinstance(model, torch.export.ExportedProgram):  # traced already, its batch dynamic or not
+        (_, _, height, width), *_ = (tuple(x.shape) for x in model.example_inputs[0])
+        exported = torch.onnx.export(
+            model, input_names=["input"], output_names=["logits"], opset_version=OPSET, dynamo=True
+        )
+        exported.save(str(onnx_file), external_data=False)
+        check_graph(onnx_file)
+        model = model.module()
+    else:
+        to_onnx(model, torch.zeros(2, 3, height, width), onnx_file)  # batch 1 would let the exporter specialise on it
+    inputs = np.random.default_rng(0).standard_normal((PARITY_BATCH, 3, height, width), np.float32)
+    check_parity(model, onnx_file, inputs)
     found.onnx = onnx_file
     return found
 
@@ -226,14 +241,13 @@ def filter_name(resample: Any) -> str:
     return PIL_FILTERS.get(int(value), "bilinear")
 
 
-def from_program(path: Path) -> tuple[torch.nn.Module, Exported]:
+def from_program(path: Path) -> tuple[torch.nn.Module | torch.export.ExportedProgram, Exported]:
     """A TorchScript file (.pt) or an exported program (.pt2): the module alone, with no record
     of its preprocessing (give --preset or the flags); the check holds the served answers to the
     module's own on the served tensors."""
     try:
-        module: torch.nn.Module = (
-            torch.export.load(str(path)).module() if path.suffix == ".pt2" else torch.jit.load(str(path))
-        )
+        program = torch.export.load(str(path)) if path.suffix == ".pt2" else None
+        module: torch.nn.Module = program.module() if program is not None else torch.jit.load(str(path))
     except Exception as error:  # torch raises several unrelated types for a file it cannot read
         raise importer.ImportRefused(f"{path} is neither a TorchScript file nor an exported program: {error}") from None
     kind = "exported program" if path.suffix == ".pt2" else "TorchScript"
@@ -246,7 +260,7 @@ def from_program(path: Path) -> tuple[torch.nn.Module, Exported]:
 
         return answers
 
-    return module, Exported(
+    return program or module, Exported(
         onnx=path,
         source=Source(
             architecture=kind, dataset="unknown", pretrained=str(path.resolve()), framework=f"torch {torch.__version__}"

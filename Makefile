@@ -70,8 +70,8 @@ bench: $(VENV)/.dev dataset tools  ## three deployments (serve; 1 process on 1 c
 bench-ray: $(VENV)/.dev tools  ## Ray Serve (ours and @serve.batch batching) against the native server, small JPEG at 1 and 8 connections (about 4 min)
 	$(BIN)/python -m bench.ray --out bench/results/ray.json
 
-bench-gpu: $(VENV)/.dev  ## on an NVIDIA GPU with onnxruntime-gpu: every model on CUDA, answers equal to the CPU's, the data plane at 1/8/32 at once (a few min)
-	$(BIN)/python -m bench.gpu --out bench/results/gpu.json
+bench-gpu: $(VENV)/.dev  ## on an NVIDIA GPU with onnxruntime-gpu: every model on CUDA, answers equal to the CPU's, both GPU deployments over HTTP at 1/8/32/128 connections against the GPU limit and the decode ceiling (about 5 min; PROVIDERS=cpu runs it without a GPU)
+	$(BIN)/python -m bench.gpu --providers $(or $(PROVIDERS),cuda) --seconds 5 --out bench/results/gpu.json
 
 soak: $(VENV)/.dev dataset  ## 50,000 mixed requests; resident-memory growth over the last 20,000 (about 3 min)
 	$(BIN)/python -m bench.stress soak --out bench/results/soak.json

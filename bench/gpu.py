@@ -1,17 +1,24 @@
-"""The CUDA check and benchmark, for a machine with an NVIDIA GPU and onnxruntime-gpu (CI never runs
-it on one): every model loads on the CUDA execution provider with the plan app/sizing.py gives it
-(any model elsewhere, or refused, stops the script with an error, as CNNSERVE_PROVIDERS=cuda
-stops the service: no silent fall-back to the CPU); the served top-5 on the sample photos equals
-the PyTorch reference; the CUDA logits equal the CPU's within 1e-3, with the same top-5; and the
-data plane (decoding, admission, batching, inference; no HTTP, as a GPU machine may have no load
-generator) serves images per second against bare ONNX Runtime on the same GPU, for 1, 8 and 32
-concurrent requests, with p50 and p99 latency and the batch sizes the batcher formed. Exits
-non-zero if a check fails, after printing (and writing) every figure.
+"""The GPU check and benchmark, one call, for a machine with an NVIDIA GPU and onnxruntime-gpu.
+
+Checks first, as before: every model loads on the CUDA execution provider (any model elsewhere, or
+refused, stops the script with an error, as CNNSERVE_PROVIDERS=cuda stops the service: no silent
+fall-back to the CPU); the served top-5 on the sample photos equals the PyTorch reference; the CUDA
+logits equal the CPU's within 1e-3, with the same top-5.
+
+Then over real HTTP (bench/gpu_serving.py, bench/http_load.py), both candidates for a GPU, each a
+``python -m app serve``: ``shared`` (a server process per core decoding, one inference process per
+GPU fed through shared memory) and ``per-process`` (a CUDA session in each server process), at 1,
+8, 32 and 128 connections on a small JPEG, a 12-megapixel JPEG and V2 binary tensors; each
+candidate's answer checked against the CPU's and its provider against the demanded one; beside
+them the GPU limit (bare ONNX Runtime at the largest batch shape, and at batch 1) and the host's
+decode ceiling. It prints ratios to both, which candidate served more, and issue 23's goals, met
+or missed; it exits non-zero if a check fails, after printing (and writing) every figure. At
+``--seconds 5``, about 5 minutes.
 
 ``--providers cpu`` runs all of it on the CPU (the comparison with the CPU is then trivially
 equal): the test suite runs it so, briefly, where there is no GPU.
 
-    python -m bench.gpu --seconds 5 --out gpu.json
+    python -m bench.gpu --seconds 5 --out bench/results/gpu.json
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ import asyncio
 import contextlib
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +38,11 @@ from PIL import Image
 
 from app.config import Settings
 from app.serving import services as wiring
+from app.serving.loader import read_spec
 from app.serving.preprocess import prepare
-from app.serving.runtime import CPU, CUDA, CUDA_OPTIONS, choose_providers
+from app.serving.runtime import CPU, CUDA, choose_providers
 from app.serving.services import Services
+from bench import gpu_serving as serving
 from training.photos import sample_photos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,23 +139,6 @@ async def compare_with_cpu(services: Services) -> dict[str, Any]:
     return {"photos": photos, "top5_equal": same, "max_logit_diff": worst, "tolerance": LOGIT_TOLERANCE}
 
 
-async def served(services: Services, image: bytes, concurrency: int, seconds: float) -> tuple[float, list[float]]:
-    """Images/s of ``concurrency`` clients classifying ``image`` for ``seconds``, and each
-    request's latency in seconds."""
-    latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
-
-    async def client() -> None:
-        while time.perf_counter() < stop_at:
-            sent = time.perf_counter()
-            await services.service.classify(MODEL, image, 5)
-            latencies.append(time.perf_counter() - sent)
-
-    started = time.perf_counter()
-    await asyncio.gather(*[client() for _ in range(concurrency)])
-    return len(latencies) / (time.perf_counter() - started), latencies
-
-
 def bare_providers(preference: str, search: str = "") -> list[Any]:
     """The providers the service would ask for (app/serving/runtime.py), with another cuDNN
     convolution search if ``search`` names one."""
@@ -175,88 +166,6 @@ def bare_rate(tensor: np.ndarray, batches: tuple[int, ...], seconds: float, prov
     return images / (time.perf_counter() - started)
 
 
-def bare_figures(tensor: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    """Bare ONNX Runtime at batch 1 and 8; on CUDA also batches of 1 to 8 in turn, per search."""
-    limit = {batch: bare_rate(tensor, (batch,), args.seconds, bare_providers(args.providers)) for batch in (1, 8)}
-    print(f"bare ONNX Runtime: batch 1 {limit[1]:.0f} images/s, batch 8 {limit[8]:.0f} images/s")
-    mixed = {}
-    if isinstance(bare_providers(args.providers)[0], tuple):  # CUDA, with its options
-        for search in (CUDA_OPTIONS["cudnn_conv_algo_search"], "HEURISTIC"):
-            mixed[search] = bare_rate(tensor, tuple(range(1, 9)), args.seconds, bare_providers(args.providers, search))
-            print(f"bare ONNX Runtime, batches of 1 to 8 in turn, {search} convolution search: {mixed[search]:.0f}/s")
-    return {"bare_images_per_s": limit, "bare_mixed_images_per_s": mixed}
-
-
-def batcher_sums(services: Services) -> dict[str, float]:
-    """The batcher's own counts for the model so far: batches, images, seconds in ORT and queued."""
-    value = services.metrics.registry.get_sample_value
-    labels = {"model": MODEL}
-    return {
-        "batches": value("cnnserve_batch_size_count", labels) or 0.0,
-        "images": value("cnnserve_batch_size_sum", labels) or 0.0,
-        "inference": value("cnnserve_inference_duration_seconds_sum", labels) or 0.0,
-        "queued": value("cnnserve_queue_duration_seconds_sum", labels) or 0.0,
-    }
-
-
-def batch_buckets(services: Services) -> dict[float, float]:
-    """The batch-size histogram (app/metrics.py) for the model: batches so far at or below each bound."""
-    return {
-        float(sample.labels["le"]): sample.value
-        for metric in services.metrics.registry.collect()
-        for sample in metric.samples
-        if sample.name == "cnnserve_batch_size_bucket" and sample.labels.get("model") == MODEL
-    }
-
-
-def batch_sizes(before: dict[float, float], after: dict[float, float]) -> dict[str, int]:
-    """Batches run between two readings of the histogram, by size: "1", "2", "3-4", "5-8", ...
-    (its buckets, which join sizes above 2), leaving out the sizes that never ran."""
-    sizes, below, lower = {}, 0.0, 0
-    for bound in sorted(after):
-        count = after[bound] - before.get(bound, 0.0)
-        if count > below:
-            sizes[size_label(lower, bound)] = int(count - below)
-        below, lower = count, lower if bound == math.inf else int(bound)
-    return sizes
-
-
-def size_label(lower: int, bound: float) -> str:
-    """The sizes in the histogram bucket above ``lower`` up to ``bound``."""
-    if bound == math.inf:
-        return f"over {lower}"
-    return str(lower + 1) if bound == lower + 1 else f"{lower + 1}-{int(bound)}"
-
-
-async def served_figures(services: Services, image: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
-    """One concurrency's images/s, latency and batches, from the batcher's own metrics."""
-    before, buckets = batcher_sums(services), batch_buckets(services)
-    rate, latencies = await served(services, image, concurrency, seconds)
-    spent = {key: value - before[key] for key, value in batcher_sums(services).items()}
-    batches = max(spent["batches"], 1)
-    p50, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 99))
-    return {
-        "images_per_s": rate,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "batch_sizes": batch_sizes(buckets, batch_buckets(services)),
-        "images_per_batch": spent["images"] / batches,
-        "ms_in_onnxruntime_per_batch": spent["inference"] / batches * 1000,
-        "ms_queued_per_image": spent["queued"] / max(spent["images"], 1) * 1000,
-    }
-
-
-def served_line(concurrency: int, row: dict[str, Any], limit: dict[int, float]) -> str:
-    batches = ", ".join(f"{size}: {n}" for size, n in row["batch_sizes"].items())
-    return (
-        f"data plane, small JPEG (451x300), {concurrency:2} at once: {row['images_per_s']:6.0f} images/s "
-        f"(x{row['images_per_s'] / limit[1]:.2f} of bare batch 1, x{row['images_per_s'] / limit[8]:.2f} of batch 8), "
-        f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms; batches by size {{{batches}}}, "
-        f"{row['images_per_batch']:.1f} images a batch, {row['ms_in_onnxruntime_per_batch']:.2f} ms in "
-        f"ONNX Runtime a batch, {row['ms_queued_per_image']:.2f} ms queued per image"
-    )
-
-
 def small_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.open(sample_photos()["chelsea"]).convert("RGB").save(buffer, "JPEG", quality=90)
@@ -273,28 +182,80 @@ def failures(figures: dict[str, Any]) -> list[str]:
         found.append("the top-5 differs from the CPU's")
     if cpu["max_logit_diff"] > LOGIT_TOLERANCE:
         found.append(f"a logit differs from the CPU's by {cpu['max_logit_diff']:.2g} (allowed {LOGIT_TOLERANCE:g})")
+    for candidate, row in figures["candidates"].items():
+        if row["provider"] != figures["provider"]:
+            found.append(f"{candidate} served on {row['provider']}, not {figures['provider']}")
+        if not row["same_top5"] or row["max_score_gap"] > serving.SCORE_TOLERANCE:
+            found.append(
+                f"{candidate}'s answer over HTTP differs from the CPU's (score gap {row['max_score_gap']:.2g})"
+            )
     return found
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    settings = Settings(models_dir=MODELS, providers=args.providers, default_model=MODEL)
+async def checks(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Today's checks, in this process: every model on the demanded provider, the top-5 against
+    PyTorch's, the logits against a CPU service's; and the CPU service's answer to the small JPEG,
+    which both candidates must give over HTTP."""
     services = loaded(settings)
     figures: dict[str, Any] = {"device": ort.get_device(), "onnxruntime": ort.__version__}
     try:
         figures["models"] = check_models(services)
         require_providers(services, args.providers)
+        figures["provider"] = services.repository.get(MODEL).providers[0]
         figures["reference"] = await check_reference(services)
         figures["against_cpu"] = await compare_with_cpu(services)
-        image = small_jpeg()
-        tensor = prepare(image, services.repository.get(MODEL).spec.input, settings.max_pixels)
-        figures |= bare_figures(tensor, args)
-        figures["served"] = {}
-        for concurrency in CONCURRENCY:
-            row = await served_figures(services, image, concurrency, args.seconds)
-            figures["served"][concurrency] = row
-            print(served_line(concurrency, row, figures["bare_images_per_s"]))
     finally:
         await services.repository.close()
+    cpu = loaded(settings.model_copy(update={"providers": "cpu"}))
+    try:
+        figures["cpu_answer"] = (await cpu.service.classify(MODEL, small_jpeg(), 5)).predictions
+    finally:
+        await cpu.repository.close()
+    return figures
+
+
+def limits(tensor: np.ndarray, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The GPU limit: bare ONNX Runtime at the largest batch shape, and at batch 1."""
+    largest = settings.batch_shape_list[-1]
+    providers = bare_providers(args.providers)
+    figures = {
+        "shape": largest,
+        "largest": bare_rate(tensor, (largest,), args.seconds, providers),
+        "batch1": bare_rate(tensor, (1,), args.seconds, providers),
+    }
+    print(f"bare ONNX Runtime: batch {largest} {figures['largest']:.0f} images/s, batch 1 {figures['batch1']:.0f}")
+    return figures
+
+
+def over_http(figures: dict[str, Any], settings: Settings, args: argparse.Namespace) -> None:
+    """Both candidates over HTTP, each checked against the CPU service's answer."""
+    spec = read_spec(MODELS / MODEL).input
+    small = small_jpeg()
+    tensor = prepare(small, spec, settings.max_pixels)
+    loads = serving.workloads(MODEL, spec, small, serving.big_jpeg(), tensor)
+    figures["decode_ceiling"] = serving.decode_ceiling(small, spec, settings.max_pixels, args.seconds)
+    print(f"decode ceiling (every core, small JPEG): {figures['decode_ceiling']['images_per_s']:.0f} images/s")
+    figures["gpu_limit"] = limits(tensor, settings, args)
+    figures["connections"] = args.connections
+    figures["candidates"] = {}
+    for candidate in args.candidates:
+        row = serving.candidate_figures(candidate, args.providers, MODEL, loads, tuple(args.connections), args.seconds)
+        row["same_top5"], row["max_score_gap"] = serving.same_answers(row.pop("answers"), figures["cpu_answer"])
+        print(
+            f"{candidate}: {row['provider']}, top-5 equal to the CPU's: {row['same_top5']}, "
+            f"largest score gap {row['max_score_gap']:.2g}; "
+            f"GPU memory by process (MiB): {row['gpu_memory_mib'] or 'no nvidia-smi'}"
+        )
+        figures["candidates"][candidate] = row
+    serving.print_ratios(figures)
+    serving.print_goals(figures)
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    settings = Settings(models_dir=MODELS, providers=args.providers, default_model=MODEL)
+    figures = await checks(settings, args)
+    over_http(figures, settings, args)
+    figures.pop("cpu_answer")
     figures["failures"] = failures(figures)
     return figures
 
@@ -308,12 +269,20 @@ def load_cuda_libraries() -> None:
         ort.preload_dlls()
 
 
+def csv_ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--connections", type=csv_ints, default=list(serving.CONNECTIONS), help="e.g. 1,8,32,128")
+    parser.add_argument(
+        "--candidates", type=lambda t: t.split(","), default=list(serving.CANDIDATES), help="shared,per-process"
+    )
     parser.add_argument(
         "--providers", choices=["cuda", "auto", "cpu"], default="cuda", help="cpu: run it all without a GPU"
     )

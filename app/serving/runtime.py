@@ -7,6 +7,7 @@ A CUDA provider that fails to load only logs a warning and the session runs on t
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ def choose_providers(preference: str, available: list[str]) -> list[str | tuple[
     if preference == "cpu":
         return [CPU]
     if CUDA in available:
+        load_cuda_libraries()
         return [(CUDA, CUDA_OPTIONS), CPU]
     if preference == "cuda":
         raise ProviderUnavailable(
@@ -45,6 +47,15 @@ def choose_providers(preference: str, available: list[str]) -> list[str | tuple[
             f"only {available}; install onnxruntime-gpu (pip install 'cnnserve[gpu]') on a machine with an NVIDIA GPU"
         )
     return [CPU]
+
+
+@functools.cache
+def load_cuda_libraries() -> None:
+    """onnxruntime-gpu 1.21 and later find CUDA and cuDNN from pip's nvidia packages only once
+    ``preload_dlls()`` has loaded them; without it the CUDA provider fails to load and the session
+    falls back to the CPU. Once per process, before its first CUDA session."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def accelerated(preference: str) -> bool:

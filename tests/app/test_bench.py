@@ -136,20 +136,25 @@ def test_the_one_core_mode_pins_everything_to_one_core_and_keeps_the_load_off_it
 
 
 def test_the_gpu_script_runs_on_the_cpu(tmp_path, capsys):
+    """Its CPU twin, briefly: the checks, both candidates over HTTP on every workload, the limits,
+    the ratios and the goals, in one call."""
     out = tmp_path / "gpu.json"
-    gpu.main(["--providers", "cpu", "--seconds", "0.2", "--out", str(out)])
+    gpu.main(["--providers", "cpu", "--seconds", "1", "--connections", "1,8", "--out", str(out)])
     printed = capsys.readouterr().out
     figures = json.loads(out.read_text())
     assert {row["provider"] for row in figures["models"]} == {"CPUExecutionProvider"}
     against = figures["against_cpu"]
     assert against["top5_equal"] and against["max_logit_diff"] == 0.0 and len(against["photos"]) == 5
     assert "largest logit difference 0 (allowed 0.001)" in printed
-    for concurrency in ("1", "8", "32"):
-        served = figures["served"][concurrency]
-        assert served["images_per_s"] > 0 and 0 < served["p50_ms"] <= served["p99_ms"]
-        assert sum(served["batch_sizes"].values()) > 0
-        assert f"{concurrency:>2} at once:" in printed
-    assert "batches by size {" in printed
+    assert figures["gpu_limit"]["largest"] > 0 and figures["decode_ceiling"]["images_per_s"] > 0
+    for candidate in ("shared", "per-process"):
+        served = figures["candidates"][candidate]
+        assert served["provider"] == "CPUExecutionProvider" and served["same_top5"]
+        for workload in ("small_jpeg", "big_jpeg", "v2_binary"):
+            for connections in (1, 8):
+                row = served["runs"][f"{workload}@{connections}"]
+                assert row["rps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] and not row["errors"]
+    assert "goals of issue 23" in printed and "more: " in printed
     assert figures["failures"] == [] and printed.rstrip().endswith("every check passed")
 
 

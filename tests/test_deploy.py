@@ -82,7 +82,8 @@ def test_runtime_images_hold_no_torch_and_no_compilers_and_run_as_a_user():
 
 def test_the_gpu_image_swaps_in_onnxruntime_gpu_on_a_matching_cuda_base():
     build = " ".join(STAGES["gpu-build"].all("RUN"))
-    assert "pip uninstall -y onnxruntime" in build and "onnxruntime-gpu>=1.27" in build
+    assert "--require-hashes" in build and "-r /src/requirements/image-gpu.txt" in build
+    assert "onnxruntime-gpu>=1.27,<2" in (ROOT / "requirements" / "image-gpu.in").read_text().splitlines()
     cuda = re.search(r"CUDA_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime", DOCKERFILE.read_text())
     assert cuda and int(cuda.group(1)) == 13, "onnxruntime-gpu 1.27+ is built for CUDA 13 with cuDNN"
 
@@ -201,9 +202,17 @@ def test_compose_exports_traces_only_when_an_endpoint_is_given():
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
-    """The CPU build stage's COPY and RUN lines, performed with /src and /opt/venv moved here."""
+    """The CPU build stage's COPY and RUN lines, performed with its folders moved here, and pip
+    reading PyPI alone as in the image (the lock's hashes are PyPI's files')."""
     root = tmp_path_factory.mktemp("image")
-    moved = {"/opt/venv": str(root / "venv"), "/src": str(root / "src")}
+    moved = {
+        "/opt/venv": str(root / "venv"),
+        "/opt/build": str(root / "build"),
+        "/src": str(root / "src"),
+        "/tmp/wheel": str(root / "wheel"),
+        "/sbom": str(root / "sbom"),
+    }
+    environment = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
     build = STAGES["cpu-build"]
     for argument in build.all("COPY"):
         *sources, destination = shlex.split(argument)
@@ -211,10 +220,9 @@ def image_root(tmp_path_factory) -> Path:
         for source in sources:
             copy_into(ROOT / source, target)
     for command in build.all("RUN"):
-        for old, new in moved.items():
-            command = command.replace(old, new)
-        command = re.sub(r"^python\b", shlex.quote(sys.executable), command)
-        subprocess.run(["bash", "-ec", command], check=True, timeout=600)
+        command = re.sub(rf"(?<![\w./])({'|'.join(map(re.escape, moved))})(?![\w.])", lambda m: moved[m[1]], command)
+        command = re.sub(r"(^|&& )python\b", lambda m: m[1] + shlex.quote(sys.executable), command)
+        subprocess.run(["bash", "-ec", command], check=True, timeout=600, env=environment)
     return root
 
 

@@ -20,6 +20,7 @@ import grpc
 
 from app.config import Settings
 from app.grpc import inference_pb2 as pb
+from app.grpc.health import add_health
 from app.grpc.servicer import SERVICE, Servicer
 from app.serving.services import Services
 
@@ -79,6 +80,7 @@ async def serving(services: Services, processes: int = 1) -> AsyncIterator[int]:
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     server.add_generic_rpc_handlers((handlers(Servicer(services)),))
+    add_health(server, services)  # grpc.health.v1, for Kubernetes' gRPC probes
     try:
         port = bind(server, settings)
     except RuntimeError as error:

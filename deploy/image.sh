@@ -19,9 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OFFICIAL_BASE=python:3.11-slim-bookworm
-STAND_IN=localhost/cnnserve-stand-in/python:3.11-bookworm-debootstrap
 ARCH=${ARCH:-amd64}
-[[ $ARCH != amd64 ]] && STAND_IN+="-$ARCH"
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Debian's podman: crun refuses this kind of host's hybrid cgroups, runc does not; the default
 # RLIMIT_NOFILE and RLIMIT_NPROC are above what such a host allows a container.
@@ -41,7 +39,8 @@ engine() {
 }
 
 base() {
-    local e
+    local e stand_in=localhost/cnnserve-stand-in/python:3.11-bookworm-debootstrap
+    [[ $ARCH == amd64 ]] || stand_in+="-$ARCH"
     e=$(engine)
     if [[ -n "${PYTHON_IMAGE:-}" ]]; then
         echo "$PYTHON_IMAGE"
@@ -53,8 +52,8 @@ base() {
         echo "$OFFICIAL_BASE"
         return
     fi
-    if ! $e image inspect "$STAND_IN" >/dev/null 2>&1; then
-        echo "base: $OFFICIAL_BASE cannot be pulled; building the stand-in $STAND_IN (debootstrap bookworm + Debian's python3, once)" >&2
+    if ! $e image inspect "$stand_in" >/dev/null 2>&1; then
+        echo "base: $OFFICIAL_BASE cannot be pulled; building the stand-in $stand_in (debootstrap bookworm + Debian's python3, once)" >&2
         command -v debootstrap >/dev/null || { echo "debootstrap is missing: make tools installs it" >&2; return 1; }
         local root
         root=$(mktemp -d /var/tmp/cnnserve-base.XXXXXX)
@@ -66,11 +65,11 @@ base() {
         tar -C "$root" --numeric-owner -c . | $e import --arch "$ARCH" \
             --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
             --message "stand-in for $OFFICIAL_BASE: debootstrap --variant=minbase bookworm, python3 python3-venv" \
-            - "$STAND_IN" >/dev/null
+            - "$stand_in" >/dev/null
     else
-        echo "base: $OFFICIAL_BASE cannot be pulled; using the cached stand-in $STAND_IN" >&2
+        echo "base: $OFFICIAL_BASE cannot be pulled; using the cached stand-in $stand_in" >&2
     fi
-    echo "$STAND_IN"
+    echo "$stand_in"
 }
 
 build() {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +17,11 @@ from ..conftest import free_port, live_server
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def small(repository: Path) -> dict[str, str]:
+    """One server process on two small models: ready in a second."""
+    return {"CNNSERVE_MODELS_DIR": str(repository), "CNNSERVE_DEFAULT_MODEL": "lenet5", "CNNSERVE_PROCESSES": "1"}
+
+
 def check(port: int, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         request = health_pb2.HealthCheckRequest(service=service)
@@ -23,9 +29,9 @@ def check(port: int, service: str = "") -> int:
 
 
 @pytest.mark.slow
-def test_health_answers_serving_for_the_server_and_the_inference_service_without_a_key():
+def test_health_answers_serving_for_the_server_and_the_inference_service_without_a_key(repo_copy):
     port = free_port()
-    with live_server(CNNSERVE_GRPC_PORT=str(port), CNNSERVE_API_KEY="secret", CNNSERVE_PROCESSES="1"):
+    with live_server(**small(repo_copy), CNNSERVE_GRPC_PORT=str(port), CNNSERVE_API_KEY="secret"):
         assert check(port) == SERVING
         assert check(port, "inference.GRPCInferenceService") == SERVING
         with pytest.raises(grpc.RpcError) as unknown:
@@ -34,9 +40,9 @@ def test_health_answers_serving_for_the_server_and_the_inference_service_without
 
 
 @pytest.mark.slow
-def test_health_answers_not_serving_while_the_server_drains():
+def test_health_answers_not_serving_while_the_server_drains(repo_copy):
     port = free_port()
-    with live_server(CNNSERVE_GRPC_PORT=str(port), CNNSERVE_DRAIN_SECONDS="3", CNNSERVE_PROCESSES="1") as (_, server):
+    with live_server(**small(repo_copy), CNNSERVE_GRPC_PORT=str(port), CNNSERVE_DRAIN_SECONDS="3") as (_, server):
         assert check(port) == SERVING
         server.send_signal(signal.SIGTERM)
         deadline, seen = time.monotonic() + 2.5, []

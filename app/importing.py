@@ -168,6 +168,8 @@ def run_import(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     try:
         with tempfile.TemporaryDirectory(prefix="cnnserve-import-") as work:
+            if args.torchvision or args.timm or args.source.is_dir() or args.source.suffix in FRAMEWORK_SUFFIXES:
+                say(f"exporting {args.source} to ONNX and checking the export against PyTorch ...")
             exported = export_from_framework(args, Path(work))
             onnx_file = exported.onnx if exported else args.source
             facts = importer.read_graph(onnx_file, args.output)
@@ -200,6 +202,7 @@ def run_import(args: argparse.Namespace) -> int:
                 kind=args.kind,
                 description=args.description,
             )
+            say(f"loading {args.name} version {staged.version} as the service will, and checking it on the photos ...")
             try:
                 reference = exported.reference(spec) if exported and exported.reference else None
                 report = check.check(
@@ -224,6 +227,11 @@ def run_import(args: argparse.Namespace) -> int:
     if args.url:
         return load_on_server(args.url, args.api_key, args.name)
     return 0
+
+
+def say(step: str) -> None:
+    """Progress on stderr, so that stdout holds only the report."""
+    print(step, file=sys.stderr, flush=True)
 
 
 def load_on_server(url: str, api_key: str | None, name: str) -> int:

@@ -207,8 +207,15 @@ def check_pixel_scale(mean: list[float], std: list[float]) -> None:
 
 
 def imagenet_labels() -> list[str]:
-    """The 1,000 ImageNet class names, from the EfficientNet-Lite0 model this repository serves."""
-    return loader.read_spec(IMAGENET_MODEL).labels
+    """The 1,000 ImageNet class names, from the EfficientNet-Lite0 model this repository serves
+    (one list, kept where a served model needs it anyway)."""
+    try:
+        return loader.read_spec(IMAGENET_MODEL).labels
+    except loader.ModelRefused as missing:
+        raise ImportRefused(
+            f"the built-in ImageNet labels are read from {IMAGENET_MODEL / 'model.json'} ({missing}); "
+            "give --labels FILE instead"
+        ) from None
 
 
 def read_labels(source: str | Path | None, classes: int | None) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,32 @@ def export(
         exported.save(str(onnx_file), external_data=False)
         check_graph(onnx_file)
         model = model.module()
+    elif isinstance(model, torch.jit.ScriptModule):
+        script_to_onnx(model, torch.zeros(2, 3, height, width), onnx_file)
     else:
         to_onnx(model, torch.zeros(2, 3, height, width), onnx_file)  # batch 1 would let the exporter specialise on it
     inputs = np.random.default_rng(0).standard_normal((PARITY_BATCH, 3, height, width), np.float32)
     check_parity(model, onnx_file, inputs)
     found.onnx = onnx_file
     return found
+
+
+def script_to_onnx(module: torch.jit.ScriptModule, example: torch.Tensor, path: Path) -> None:
+    """A TorchScript module through the TorchScript exporter: the dynamo exporter refuses
+    ScriptModules, and converting one to an exported program would fix its batch size."""
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; its files are still read
+        warnings.simplefilter("ignore", category=(FutureWarning, DeprecationWarning, UserWarning))
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    check_graph(path)
 
 
 # -- the sources ----------------------------------------------------------------------------------
@@ -247,7 +268,9 @@ def from_program(path: Path) -> tuple[torch.nn.Module | torch.export.ExportedPro
     module's own on the served tensors."""
     try:
         program = torch.export.load(str(path)) if path.suffix == ".pt2" else None
-        module: torch.nn.Module = program.module() if program is not None else torch.jit.load(str(path))
+        with warnings.catch_warnings():  # torch.jit.load is deprecated upstream, and still the way to read a .pt
+            warnings.simplefilter("ignore", category=FutureWarning)
+            module: torch.nn.Module = program.module() if program is not None else torch.jit.load(str(path))
     except Exception as error:  # torch raises several unrelated types for a file it cannot read
         raise importer.ImportRefused(f"{path} is neither a TorchScript file nor an exported program: {error}") from None
     kind = "exported program" if path.suffix == ".pt2" else "TorchScript"

@@ -6,6 +6,7 @@ here independently of training/importer.py) on the sample photos."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,9 @@ from PIL import Image, ImageOps
 
 from app.cli import parse_args
 from app.importing import run_check, run_import
+from app.serving import preprocess
 from app.serving.presets import IMAGENET_MEAN, on_pixel_scale
+from app.serving.spec import InputSpec
 
 from ..conftest import live_server
 
@@ -69,11 +72,15 @@ def built(tmp_path_factory) -> dict[str, object]:
     tiny = Tiny().eval()
     program = torch.export.export(tiny, (torch.zeros(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, folder / "tiny.pt2")
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still bring its files
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(tiny), folder / "tiny.pt")
     return {
         "folder": folder,
         "resnet18": lambda image: resnet(transform(image)[None])[0],
         "test_resnet": lambda image: small(timm_transform(image)[None])[0],
         "convnext": lambda image: convnext(**processor(images=image, return_tensors="pt")).logits[0],
+        "tiny": tiny,
     }
 
 
@@ -85,6 +92,7 @@ def repo(tmp_path_factory, built) -> Path:
     assert imported(repo, sources / "test_resnet.pth", "test_resnet", "--timm", "test_resnet") == 0
     assert imported(repo, sources / "convnext", "convnext") == 0
     assert imported(repo, sources / "tiny.pt2", "tiny", "--preset", "imagenet", "--size", "64") == 0
+    assert imported(repo, sources / "tiny.pt", "scripted", "--preset", "imagenet", "--size", "64") == 0
     return repo
 
 
@@ -143,14 +151,18 @@ def test_hugging_face_labels_and_preprocessing_come_from_the_folder(repo):
     )
 
 
-def test_an_exported_program_serves_its_own_answers(server, repo, photos):
-    response = httpx.post(
-        f"{server}/classify",
-        params={"model": "tiny"},
-        files={"file": ("c", photos["chelsea"].read_bytes())},
-        timeout=30,
-    )
-    assert response.status_code == 200 and len(response.json()["predictions"]) == 5
+@pytest.mark.parametrize("name", ["tiny", "scripted"])
+def test_an_exported_program_and_a_torchscript_file_serve_the_modules_answers(server, repo, built, photos, name):
+    """Both files hold Tiny; served, they answer as Tiny does on the tensor the service makes."""
+    body = photos["chelsea"].read_bytes()
+    tensor = preprocess.prepare(body, InputSpec(**spec(repo, name)["input"]), 10**8)
+    with torch.no_grad():
+        expected = torch.softmax(built["tiny"](torch.from_numpy(tensor))[0], 0).numpy()
+    response = httpx.post(f"{server}/classify", params={"model": name}, files={"file": ("c", body)}, timeout=30)
+    assert response.status_code == 200, response.text
+    served = response.json()["predictions"]
+    assert [p["index"] for p in served] == np.argsort(-expected)[:5].tolist()
+    assert np.allclose([p["score"] for p in served], np.sort(expected)[::-1][:5], atol=1e-4)
 
 
 def test_check_alone_holds_the_model_to_its_framework(repo, capsys):

@@ -24,6 +24,7 @@ MAX_INLINE_SECONDS = 0.001  # the longest the event loop is ever held by one inl
 INLINE_PIXELS = 64 * 64  # images this small are decoded on the event loop: a thread hop costs more
 MAX_FEED_PROCESSES = 32  # decoding server processes of the shared feed
 FEED_WORKERS = 2  # a server process's batches at the inference owner at once: one runs while the next forms
+FEED_OWNER_THREADS = 2  # batches an inference process on a GPU has in flight at once
 NVIDIA_GPUS = "/proc/driver/nvidia/gpus"
 
 Decode = Literal["worker", "pool"]
@@ -67,6 +68,12 @@ def feed_mode(settings: Settings, accelerated: bool) -> Literal["shared", "per-p
     if settings.feed == "auto":
         return "shared" if accelerated else "per-process"
     return settings.feed
+
+
+def owner_threads(accelerated: bool) -> int:
+    """Batches an inference process has in flight at once: on a GPU two, so that one is copied in
+    and answered while the other runs; on the CPU one, whose session already has every core."""
+    return FEED_OWNER_THREADS if accelerated else 1
 
 
 def owner_count(settings: Settings) -> int:

@@ -17,6 +17,7 @@ from app.config import Settings
 from app.http.app import configure_logging
 from app.serving.feed import Feed, OwnerEnds
 from app.serving.owner import Owner
+from app.serving.runtime import accelerated
 
 log = logging.getLogger("cnnserve")
 
@@ -35,4 +36,4 @@ def run_owner(settings: Settings, ends: OwnerEnds, generation: int) -> None:
         signal.signal(sig, lambda _sig, _frame: stop.set())
     owner = Owner(settings, ends, generation)
     log.info("inference process for GPU %d serving %d server process(es)", ends.index, len(ends.answers))
-    owner.serve(stop)
+    owner.serve(stop, sizing.owner_threads(accelerated(settings.providers)))

@@ -137,11 +137,13 @@ class Batcher:
         activity: Activity | None = None,
         inline_batch: int = 0,
         provider: str = "",
+        run_parts: Callable[[list[np.ndarray]], np.ndarray] | None = None,
     ) -> None:
         self.name = name
         self.provider = provider  # the execution provider its session got, for traces
         self.run = run
         self.run_alone = run_alone  # every core's threads, for a batch alone on the machine
+        self.run_parts = run_parts  # run, taking the requests' images unjoined
         self.activity = activity or Activity()
         self.inline_batch = inline_batch  # batches up to this size run on the caller's thread
         self.max_batch = max_batch
@@ -300,8 +302,8 @@ class Batcher:
         decoded_at = tracing.now()
         started = time.perf_counter()
         try:
-            batch = np.concatenate([images for _, images in live]) if len(live) > 1 else live[0][1]
-            output = self._infer(batch, len(live))
+            images = sum(len(rows) for _, rows in live)
+            output = self._infer([rows for _, rows in live])
         except Exception as error:  # each waiting request gets the model's failure
             for pending, _ in live:
                 _post(pending.loop, _settle, pending.future, None, error)
@@ -309,10 +311,10 @@ class Batcher:
         elapsed = time.perf_counter() - started
         self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * elapsed
         self.observe_inference(elapsed)
-        self.observe_batch(len(batch))
+        self.observe_batch(images)
         if taken_at:  # recorded before the answers go back, so that a request's trace is whole when it ends
             traces = [(pending.trace, callable(pending.work)) for pending, _ in live]
-            self._trace(len(batch), traces, taken_at, decoded_at)
+            self._trace(images, traces, taken_at, decoded_at)
         _post(live[0][0].loop, self._hand_back, live, output)
 
     def _run_inline(self, batch: np.ndarray) -> asyncio.Future[np.ndarray]:
@@ -338,12 +340,15 @@ class Batcher:
         times = tracing.BatchTimes(taken, decoded, tracing.now())
         tracing.record_batch(self.name, self.provider, images, requests, times)
 
-    def _infer(self, batch: np.ndarray, requests: int) -> np.ndarray:
-        """The model's rows for ``batch`` (of ``requests`` requests): on every core's threads when
-        nothing else is in flight. On an accelerator ``run`` itself runs fixed batch shapes
-        (app/serving/runtime.py, ``ShapedRunner``), or hands the batch to the shared feed's
-        inference process (app/serving/feed.py)."""
-        if self.run_alone is not None and self.inbox.empty() and self.activity.alone(requests):
+    def _infer(self, parts: list[np.ndarray]) -> np.ndarray:
+        """The model's rows for the requests' ``parts``: on every core's threads when nothing else
+        is in flight. With ``run_parts`` (on an accelerator: fixed batch shapes, app/serving/runtime.py,
+        or the shared feed, app/serving/feed.py) the parts are copied once, straight into the bound
+        input or the shared memory, not joined here first."""
+        if self.run_parts is not None:
+            return self.run_parts(parts)
+        batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if self.run_alone is not None and self.inbox.empty() and self.activity.alone(len(parts)):
             return self.run_alone(batch)
         return self.run(batch)
 

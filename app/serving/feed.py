@@ -272,26 +272,28 @@ class FeedClient:
 
     def load(self, key: bytes, timeout: float) -> Loaded:
         """Asks the owner to load (and warm) the model, waiting until it has; FeedRefused if it cannot."""
-        message = self._call(LOAD, key, np.zeros((0, 0, 0, 0), np.float32), timeout)
+        message = self._call(LOAD, key, [np.zeros((0, 0, 0, 0), np.float32)], timeout)
         provider, _, description = message.decode().partition("\n")
         return Loaded(provider, description)
 
-    def run(self, key: bytes, batch: np.ndarray, timeout: float) -> np.ndarray:
-        """The model's rows for ``batch``, from the owner; batches larger than a slot go in parts."""
-        row_bytes = max(1, batch[0].nbytes if len(batch) else 1)
-        rows = max(1, self.layout.input_bytes // row_bytes)
-        if len(batch) <= rows:
-            return self._infer(key, batch, timeout)
-        return np.concatenate([self._infer(key, batch[at : at + rows], timeout) for at in range(0, len(batch), rows)])
+    def run(self, key: bytes, parts: list[np.ndarray], timeout: float) -> np.ndarray:
+        """The model's rows for ``parts`` (several requests' images), from the owner: written
+        straight into a slot (one copy); more than a slot holds goes in several."""
+        images = sum(len(part) for part in parts)
+        rows = max(1, self.layout.input_bytes // max(1, parts[0][0].nbytes if images else 1))
+        if images <= rows:
+            return self._infer(key, parts, timeout)
+        batch = np.concatenate(parts)
+        return np.concatenate([self._infer(key, [batch[at : at + rows]], timeout) for at in range(0, images, rows)])
 
-    def _infer(self, key: bytes, batch: np.ndarray, timeout: float) -> np.ndarray:
-        rows: np.ndarray = self._call(INFER, key, np.ascontiguousarray(batch, np.float32), timeout)
+    def _infer(self, key: bytes, parts: list[np.ndarray], timeout: float) -> np.ndarray:
+        rows: np.ndarray = self._call(INFER, key, parts, timeout)
         return rows
 
-    def _call(self, kind: int, key: bytes, batch: np.ndarray, timeout: float) -> Any:
+    def _call(self, kind: int, key: bytes, parts: list[np.ndarray], timeout: float) -> Any:
         slot = self.free.get()
         try:
-            request = self._submit(slot, kind, key, batch, timeout)
+            request = self._submit(slot, kind, key, parts, timeout)
             self._wait(slot, request, time.monotonic() + timeout + ANSWER_GRACE_SECONDS)
             return self._answer(slot, kind)
         finally:
@@ -299,14 +301,15 @@ class FeedClient:
             self.events[slot].clear()
             self.free.put(slot)
 
-    def _submit(self, slot: int, kind: int, key: bytes, batch: np.ndarray, timeout: float) -> int:
-        if batch.nbytes > self.layout.input_bytes:
-            raise ValueError(f"a row of {batch[0].nbytes} bytes does not fit a feed slot of {self.layout.input_bytes}")
+    def _submit(self, slot: int, kind: int, key: bytes, parts: list[np.ndarray], timeout: float) -> int:
         header, request = self.headers[slot], next(self.ids)
         inputs, _ = self.layout.data(self.region, self.first + slot)
-        np.frombuffer(inputs, np.float32, batch.size)[:] = batch.reshape(-1)
+        at = 0
+        for part in parts:
+            np.frombuffer(inputs, np.float32, part.size, at * 4).reshape(part.shape)[:] = part
+            at += part.size
         header["kind"], header["key"], header["request"], header["answered"] = kind, key, request, 0
-        header["shape"] = (*batch.shape, 0, 0, 0, 0)[:4]
+        header["shape"] = (sum(len(part) for part in parts), *parts[0].shape[1:], 0, 0, 0, 0)[:4]
         header["deadline"] = time.monotonic() + timeout
         header["generation"] = self.control[self.owner]["generation"]
         header["state"] = SUBMITTED  # last: the owner takes nothing half-written

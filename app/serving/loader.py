@@ -35,6 +35,7 @@ from app.serving.spec import InputSpec, ModelSpec
 
 log = logging.getLogger("cnnserve.loader")
 
+RunParts = Callable[[list[np.ndarray]], np.ndarray]
 FLAT_VERSION = "1"  # the version of a model kept flat: model.onnx beside model.json
 FEED_LOAD_SECONDS = 900  # the inference process's load and warm-up (a TensorRT engine build takes minutes)
 
@@ -122,10 +123,11 @@ def load(
     for warmed in (session, alone):
         for size in plan.warm_batches if warmed else ():
             warm_up(spec, warmed, size)
-    run, providers = inference(folder, spec, proto, settings, plan, feed, version) or (runner(session, spec), providers)
+    elsewhere = inference(folder, spec, proto, settings, plan, feed, version)
+    run_parts, providers = elsewhere or (None, providers)
     batcher = Batcher(
         spec.name,
-        run,
+        runner(session, spec) if run_parts is None else one_part(run_parts),
         max_batch=plan.max_batch,
         max_delay=settings.max_queue_delay_ms / 1000,
         max_queue=settings.max_queue,
@@ -136,6 +138,7 @@ def load(
         activity=activity,
         inline_batch=plan.inline_batch,
         provider=providers[0],
+        run_parts=run_parts,
     )
     analysis, featuremaps = None, None
     if settings.featuremaps:
@@ -168,8 +171,9 @@ def inference(
     plan: sizing.Plan,
     feed: FeedClient | None,
     version: str,
-) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[str, ...]] | None:
-    """The batcher's call and the provider it runs on, where it is not this process's session:
+) -> tuple[RunParts, tuple[str, ...]] | None:
+    """The batcher's call (on the requests' images, unjoined) and the provider it runs on, where
+    it is not this process's session:
     the shared feed's inference process (which loads and warms the model before this returns),
     or this process's own accelerator session at fixed batch shapes (app/serving/accelerated.py)."""
     if feed is not None:
@@ -183,12 +187,12 @@ def inference(
     except accelerated.Refused as error:
         raise ModelRefused(str(error)) from None
     log.info("model %s: %s", spec.name, shaped.describe())
-    return shaped.runner.run, (shaped.provider,)
+    return shaped.runner.run_list, (shaped.provider,)
 
 
 def feed_runner(
     feed: FeedClient, folder: Path, spec: ModelSpec, settings: Settings, version: str
-) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[str, ...]]:
+) -> tuple[RunParts, tuple[str, ...]]:
     """The call that hands a batch to the shared feed's inference process, once it has the model."""
     try:
         key = encode_key(spec.name, version, str(folder.resolve()), spec.sha256)
@@ -198,10 +202,19 @@ def feed_runner(
     log.info("model %s version %s runs in the inference process: %s", spec.name, version, loaded.description)
     timeout = settings.request_timeout_s
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        return feed.run(key, batch, timeout)
+    def run(parts: list[np.ndarray]) -> np.ndarray:
+        return feed.run(key, parts, timeout)
 
     return run, (loaded.provider,)
+
+
+def one_part(run_parts: RunParts) -> Callable[[np.ndarray], np.ndarray]:
+    """``run_parts`` as a call on one batch."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return run_parts([batch])
+
+    return run
 
 
 def fingerprint_of(folder: Path) -> tuple[object, ...]:

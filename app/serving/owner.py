@@ -14,6 +14,7 @@ change of models, or after a replacement.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -41,6 +42,7 @@ from app.serving.feed import (
     mapped,
     ring,
 )
+from app.serving.runtime import ShapedRunner
 
 log = logging.getLogger("cnnserve.owner")
 
@@ -54,6 +56,7 @@ class Taken:
     slot: int
     request: int
     images: int
+    deadline: float = 0.0
 
 
 class Owner:
@@ -65,31 +68,46 @@ class Owner:
         self.mine = np.array([lane * slots + s for lane in sorted(ends.answers) for s in range(slots)], np.int64)
         self.models: dict[bytes, accelerated.Shaped | str] = {}  # by key: ready, or the reason it is refused
         self.control[ends.index]["pid"] = os.getpid()
+        self.lock = threading.Lock()  # one thread takes slots (and loads models) at a time
+        self.local = threading.local()  # each thread's runners: buffers of its own on the shared sessions
+        os.set_blocking(ends.doorbell.fd, False)
 
-    def serve(self, stop: threading.Event) -> None:
-        """Answers until ``stop`` is set."""
+    def serve(self, stop: threading.Event, threads: int = 1) -> None:
+        """Answers until ``stop`` is set, on ``threads`` threads: with two, one batch is copied in
+        and answered while the other runs (ONNX Runtime releases the GIL while it runs)."""
+        workers = [threading.Thread(target=self.loop, args=(stop,), daemon=True) for _ in range(threads - 1)]
+        for worker in workers:
+            worker.start()
+        self.loop(stop)
+        for worker in workers:
+            worker.join()
+
+    def loop(self, stop: threading.Event) -> None:
         doorbell = self.ends.doorbell.fd
         while not stop.is_set():
             ready, _, _ = select.select([doorbell], [], [], WAKE_SECONDS)
             if ready:
-                os.read(doorbell, 65536)
+                with contextlib.suppress(BlockingIOError):  # another thread read it first
+                    os.read(doorbell, 65536)
             self.step()
 
     def step(self) -> None:
         """Everything submitted so far: loads, refusals past their deadline, then batches by model."""
         by_model: dict[bytes, list[Taken]] = {}
         now = time.monotonic()
-        for taken in self.take():
-            header = self.headers[taken.slot]
-            key = bytes(header["key"])
-            if int(header["kind"]) == LOAD:
-                self.answer_load(taken, key)
-            elif float(header["deadline"]) < now:
-                self.fail(taken, FAILED_DEADLINE, f"waited past its deadline for model {decode_key(key)[0]!r}")
-            else:
-                by_model.setdefault(key, []).append(taken)
+        with self.lock:
+            for taken in self.take():
+                header = self.headers[taken.slot]
+                key = bytes(header["key"])
+                if int(header["kind"]) == LOAD:
+                    self.answer_load(taken, key)
+                elif float(header["deadline"]) < now:
+                    self.fail(taken, FAILED_DEADLINE, f"waited past its deadline for model {decode_key(key)[0]!r}")
+                else:
+                    by_model.setdefault(key, []).append(taken)
+            models = {key: self.model(key) for key in by_model}
         for key, slots in by_model.items():
-            self.infer(key, slots)
+            self.infer(key, models[key], slots)
 
     def take(self) -> list[Taken]:
         """The slots of this owner's lanes submitted to this generation, marked TAKEN, oldest first."""
@@ -100,12 +118,15 @@ class Owner:
             header = self.headers[slot]
             header["state"] = TAKEN
             shape = header["shape"]
-            taken.append(Taken(int(slot), int(header["request"]), int(shape[0])))
-        return sorted(taken, key=lambda t: t.request)
+            taken.append(Taken(int(slot), int(header["request"]), int(shape[0]), float(header["deadline"])))
+        return sorted(taken, key=lambda t: t.deadline)  # every request has the same timeout: oldest first
 
     def model(self, key: bytes) -> accelerated.Shaped | str:
-        """The model ``key`` names, loaded now if it is not yet; or the reason it cannot be."""
+        """The model ``key`` names, loaded now if it is not yet; or the reason it cannot be. A new
+        copy of a model's files (another sha256, poll mode) replaces the old one here."""
         if key not in self.models:
+            for old in [other for other in self.models if same_model(other, key)]:
+                del self.models[old]
             self.models[key] = self.load(key)
         return self.models[key]
 
@@ -138,29 +159,38 @@ class Owner:
         else:
             self.finish(taken, message=f"{model.provider}\n{model.describe()}")
 
-    def infer(self, key: bytes, slots: list[Taken]) -> None:
-        model = self.model(key)
+    def infer(self, key: bytes, model: accelerated.Shaped | str, slots: list[Taken]) -> None:
         if isinstance(model, str):
             for taken in slots:
                 self.fail(taken, FAILED_REFUSED, model)
             return
-        for group in pack(slots, model.runner.largest):
+        runner = self.runner(key, model)
+        for group in pack(slots, runner.largest):
             try:
-                self.run_group(model, group)
+                self.run_group(runner, group)
             except Exception as error:  # the model's failure goes to each request of the group
                 log.exception("inference process: a batch of model %s failed", decode_key(key)[0])
                 for taken in group:
                     self.fail(taken, FAILED_MODEL, f"inference failed: {error}")
 
-    def run_group(self, model: accelerated.Shaped, group: list[Taken]) -> None:
+    def runner(self, key: bytes, model: accelerated.Shaped) -> ShapedRunner:
+        """This thread's runner of the model: the loaded one's sessions, buffers of its own."""
+        runners: dict[bytes, ShapedRunner] = self.local.__dict__.setdefault("runners", {})
+        if key not in runners:
+            for gone in [k for k in runners if k not in self.models]:  # replaced by a new copy
+                del runners[gone]
+            runners[key] = model.runner.clone()
+        return runners[key]
+
+    def run_group(self, runner: ShapedRunner, group: list[Taken]) -> None:
         """One run of the group's rows at the shape that holds them (a slot larger than the
         largest shape runs alone, in chunks)."""
         parts = [self.rows(taken) for taken in group]
-        with model.runner.lock:
-            if len(group) == 1 and group[0].images > model.runner.largest:
-                output = model.runner.run(parts[0])
-            else:
-                output = model.runner.run_parts(parts)
+        if len(group) == 1 and group[0].images > runner.largest:
+            self.finish(group[0], rows=runner.run(parts[0]))  # run() holds the runner's lock itself
+            return
+        with runner.lock:
+            output = runner.run_parts(parts)
             at = 0
             for taken, part in zip(group, parts, strict=True):
                 self.finish(taken, rows=output[at : at + len(part)])
@@ -208,6 +238,13 @@ class Owner:
         header["state"] = state
         lane, slot = divmod(taken.slot, self.layout.slots)
         ring(self.ends.answers[lane], slot)
+
+
+def same_model(key: bytes, other: bytes) -> bool:
+    """Whether two keys name the same model version in the same folder (their files may differ)."""
+    name, version, _, folder = decode_key(key)
+    their_name, their_version, _, their_folder = decode_key(other)
+    return (name, version, folder) == (their_name, their_version, their_folder)
 
 
 def pack(slots: list[Taken], largest: int) -> list[list[Taken]]:

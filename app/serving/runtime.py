@@ -179,6 +179,7 @@ class ShapedRunner:
         """``sessions``: the session of each batch size; ``rows``: an input row's shape, then the
         output's width."""
         self.shapes = tuple(sorted(sessions))
+        self.names, self.rows = names, rows
         self.bound = {size: Bound.of(session, names, rows, size) for size, session in sessions.items()}
         self.lock = threading.Lock()
 
@@ -191,12 +192,24 @@ class ShapedRunner:
         return next((size for size in self.shapes if size >= images), self.largest)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """The model's rows for ``batch``, of any size: the batcher's call."""
+        """The model's rows for ``batch``, of any size."""
+        return self.run_list([batch])
+
+    def run_list(self, parts: list[np.ndarray]) -> np.ndarray:
+        """The model's rows for ``parts`` (several requests' images, of any size together): the
+        batcher's call. Up to the largest shape they are copied once, straight into its input."""
         with self.lock:
-            if len(batch) <= self.largest:
-                return self.run_parts([batch]).copy()
+            if sum(len(part) for part in parts) <= self.largest:
+                return self.run_parts(parts).copy()
+            batch = np.concatenate(parts)
             chunks = [batch[at : at + self.largest] for at in range(0, len(batch), self.largest)]
             return np.concatenate([self.run_parts([chunk]).copy() for chunk in chunks])
+
+    def clone(self) -> ShapedRunner:
+        """Another runner on the same sessions with buffers of its own, for another thread: two
+        batches can then be in flight, one copied in while the other runs."""
+        sessions = {size: bound.session for size, bound in self.bound.items()}
+        return ShapedRunner(sessions, self.names, self.rows)
 
     def run_parts(self, parts: list[np.ndarray]) -> np.ndarray:
         """``parts`` (at most ``largest`` rows together) copied straight into the bound input of

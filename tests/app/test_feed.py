@@ -88,10 +88,39 @@ def test_a_batch_handed_through_shared_memory_comes_back_as_the_session_answers_
     owner, client = Running(feed), FeedClient(feed.lane(0))
     try:
         assert client.load(key, WAIT_S).provider == "CPUExecutionProvider"
-        rows = client.run(key, images[:3], WAIT_S)
+        rows = client.run(key, [images[:3]], WAIT_S)
     finally:
         owner.end()
     assert np.allclose(rows, session.run(None, {"input": images[:3]})[0], atol=1e-5)
+
+
+def test_several_requests_go_into_one_slot_unjoined_and_each_gets_its_rows(feed, lenet):
+    session, images, key = lenet
+    owner, client = Running(feed), FeedClient(feed.lane(0))
+    try:
+        client.load(key, WAIT_S)
+        rows = client.run(key, [images[:1], images[1:4], images[4:5]], WAIT_S)
+    finally:
+        owner.end()
+    assert np.allclose(rows, session.run(None, {"input": images[:5]})[0], atol=1e-5)
+
+
+def test_two_threads_of_the_owner_answer_requests_of_two_lanes_at_once(feed, lenet):
+    session, images, key = lenet
+    owner, stop = Owner(SETTINGS, feed.owner(0), 0), threading.Event()
+    serving = threading.Thread(target=owner.serve, args=(stop, 2), daemon=True)
+    serving.start()
+    clients = [FeedClient(feed.lane(0)), FeedClient(feed.lane(1))]
+    try:
+        clients[0].load(key, WAIT_S)
+        calls = [in_thread(c.run, key, [images[i : i + 2]], WAIT_S) for i, c in enumerate(clients * 3)]
+        for call in calls:
+            call["thread"].join(timeout=WAIT_S)
+    finally:
+        stop.set()
+        serving.join(timeout=WAIT_S)
+    for i, call in enumerate(calls):
+        assert np.allclose(call["result"], session.run(None, {"input": images[i : i + 2]})[0], atol=1e-5)
 
 
 def test_batches_of_two_server_processes_are_answered_in_one_step_of_the_owner(feed, lenet):
@@ -100,7 +129,7 @@ def test_batches_of_two_server_processes_are_answered_in_one_step_of_the_owner(f
     first, second = FeedClient(feed.lane(0)), FeedClient(feed.lane(1))
     first.load(key, WAIT_S)
     owner.end()  # from here the test steps the owner itself
-    calls = [in_thread(first.run, key, images[:1], WAIT_S), in_thread(second.run, key, images[1:3], WAIT_S)]
+    calls = [in_thread(first.run, key, [images[:1]], WAIT_S), in_thread(second.run, key, [images[1:3]], WAIT_S)]
     wait_for_state(first, SUBMITTED)
     wait_for_state(second, SUBMITTED)
     owner.owner.step()
@@ -110,14 +139,14 @@ def test_batches_of_two_server_processes_are_answered_in_one_step_of_the_owner(f
 
 
 def test_slots_are_packed_in_order_into_runs_no_larger_than_the_largest_shape():
-    slots = [Taken(slot, request, images) for slot, (request, images) in enumerate([(1, 1), (2, 2), (3, 3), (4, 9)])]
+    slots = [Taken(slot, slot, images) for slot, images in enumerate([1, 2, 3, 9])]
     assert [[t.slot for t in group] for group in pack(slots, largest=4)] == [[0, 1], [2], [3]]
 
 
 def test_a_batch_the_dead_owner_held_fails_with_a_retryable_503(feed, lenet):
     _, images, key = lenet
     client = FeedClient(feed.lane(0))
-    call = in_thread(client.run, key, images[:1], WAIT_S)
+    call = in_thread(client.run, key, [images[:1]], WAIT_S)
     wait_for_state(client, SUBMITTED)
     client.headers["state"][client.headers["state"] == SUBMITTED] = TAKEN  # as an owner takes it, then dies
     feed.replaced_owner(0)
@@ -129,7 +158,7 @@ def test_a_batch_the_dead_owner_held_fails_with_a_retryable_503(feed, lenet):
 def test_a_batch_its_dead_owner_had_not_taken_is_answered_by_the_replacement(feed, lenet):
     session, images, key = lenet
     client = FeedClient(feed.lane(0))
-    call = in_thread(client.run, key, images[:2], WAIT_S)
+    call = in_thread(client.run, key, [images[:2]], WAIT_S)
     wait_for_state(client, SUBMITTED)
     replacement = Running(feed, feed.replaced_owner(0))  # it loads the model at the first request naming it
     try:
@@ -144,12 +173,22 @@ def test_a_request_past_its_deadline_is_refused_unrun(feed, lenet):
     owner, client = Running(feed), FeedClient(feed.lane(0))
     client.load(key, WAIT_S)
     owner.end()
-    call = in_thread(client.run, key, images[:1], 0.01)
+    call = in_thread(client.run, key, [images[:1]], 0.01)
     wait_for_state(client, SUBMITTED)
     time.sleep(0.05)
     owner.owner.step()
     call["thread"].join(timeout=WAIT_S)
     assert isinstance(call["error"], DeadlineExceeded)
+
+
+def test_a_new_copy_of_a_models_files_replaces_the_old_one_in_the_owner(feed, lenet):
+    _, _, key = lenet
+    owner = Owner(SETTINGS, feed.owner(0), 0)
+    stale = encode_key("lenet5", "1", str(MODELS / "lenet5"), "0" * 64)
+    other_version = encode_key("lenet5", "2", str(MODELS / "lenet5"), "0" * 64)
+    owner.models[stale] = owner.models[other_version] = "refused"
+    owner.model(key)
+    assert set(owner.models) == {key, other_version}
 
 
 def test_a_model_the_owner_cannot_load_is_refused_with_its_reason(feed):
@@ -164,7 +203,7 @@ def test_a_model_the_owner_cannot_load_is_refused_with_its_reason(feed):
 def test_a_replacement_server_process_starts_with_every_slot_of_its_lane_free(feed, lenet):
     _, images, key = lenet
     dead = FeedClient(feed.lane(0))
-    in_thread(dead.run, key, images[:1], WAIT_S)
+    in_thread(dead.run, key, [images[:1]], WAIT_S)
     wait_for_state(dead, SUBMITTED)
     replacement = FeedClient(feed.lane(0))
     assert (replacement.headers["state"] == SUBMITTED).sum() == 0

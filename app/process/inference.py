@@ -9,6 +9,7 @@ their last requests are answered.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -21,6 +22,8 @@ from app.serving.runtime import accelerated
 
 log = logging.getLogger("cnnserve")
 
+PARENT_POLL_SECONDS = 1.0
+
 
 def make_feed(settings: Settings, processes: int) -> Feed:
     """The region and pipes for ``processes`` server processes and one owner per GPU."""
@@ -29,11 +32,23 @@ def make_feed(settings: Settings, processes: int) -> Feed:
 
 
 def run_owner(settings: Settings, ends: OwnerEnds, generation: int) -> None:
-    """One inference owner, until SIGTERM or SIGINT."""
+    """One inference owner, until SIGTERM (the supervisor's, once the server processes are done) or
+    the supervisor's death. SIGINT is ignored: a terminal's Ctrl-C reaches every process of the
+    group, and the server processes still draining need this one to answer."""
     configure_logging(settings.log_level)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _sig, _frame: stop.set())
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    threading.Thread(target=orphaned, args=(parent, stop), name="parent-watch", daemon=True).start()
     owner = Owner(settings, ends, generation)
     log.info("inference process for GPU %d serving %d server process(es)", ends.index, len(ends.answers))
     owner.serve(stop, sizing.owner_threads(accelerated(settings.providers)))
+
+
+def orphaned(parent: int, stop: threading.Event) -> None:
+    """Sets ``stop`` once the supervisor has gone (killed): an orphan would hold the GPU's memory."""
+    while not stop.wait(PARENT_POLL_SECONDS):
+        if os.getppid() != parent:
+            log.error("the supervisor %d has gone; the inference process stops", parent)
+            stop.set()

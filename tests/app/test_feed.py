@@ -3,6 +3,7 @@ sessions on the CPU provider. First the protocol in one process (a client and an
 lanes of a real region), then a real deployment: answers equal to a server process's own session,
 a killed process of each kind, nothing left in /dev/shm."""
 
+import contextlib
 import http.client
 import io
 import json
@@ -349,6 +350,21 @@ def test_nothing_is_left_in_dev_shm_after_a_stop_or_a_crash(tmp_path):
         server.wait(timeout=WAIT_S)
     wait_for(lambda: not any(b"spawn_main" in command_line(pid) for pid in children), "the children gone")
     assert shm_entries() == before
+
+
+def test_the_inference_process_stops_when_its_supervisor_is_killed(tmp_path):
+    """An orphan would hold the GPU's memory until someone found it."""
+    log = tmp_path / "server.log"
+    with log.open("w") as output, live_server(output=output, **FEED_ENV) as (_, server):
+        servers, owner = started(log, "server"), started(log, "inference")[0]
+        server.kill()
+        server.wait(timeout=WAIT_S)
+        try:
+            wait_for(lambda: not command_line(owner), "the inference process gone")
+        finally:
+            for pid in servers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_a_stopped_deployment_leaves_no_process_and_nothing_in_dev_shm(tmp_path):

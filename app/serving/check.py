@@ -70,12 +70,12 @@ class Report:
             agreed = (
                 ""
                 if photo.max_diff is None
-                else f"; {self.compared_with}'s top-5 equal, logits within {photo.max_diff:.2%}"
+                else f"; top-5 as in {self.compared_with}, logits within {photo.max_diff:.2%}"
             )
             out.append(f"  {photo.name}: {best} ({photo.milliseconds:.1f} ms){agreed}")
         if self.compared_with:
             out.append(
-                f"answers equal to {self.compared_with}'s (tolerance {self.tolerance:.0%} of the logits' spread)"
+                f"answers equal to those of {self.compared_with} (tolerance {self.tolerance:.0%} of the logits' spread)"
             )
         more = " ..." if len(self.layers) > 8 else ""
         out.append(f"/featuremaps offers {len(self.layers)} layers: {', '.join(self.layers[:8])}{more}")
@@ -229,7 +229,7 @@ def diagnose(
         return f"{framework} gives {expected.shape[0]} scores, the served model {served.shape[0]}"
     spread = max(float(expected.max() - expected.min()), 1e-12)
     found = (
-        f"on {path.name} the served answers differ from {framework}'s: logits off by up to "
+        f"on {path.name} the served answers differ from those of {framework}: logits off by up to "
         f"{np.abs(expected - served).max() / spread:.1%} of their spread (allowed {tolerance:.0%}), "
         f"top-5 {np.argsort(-served)[:5].tolist()} against {np.argsort(-expected)[:5].tolist()}"
     )

@@ -57,15 +57,26 @@
     if (ex.photo) await refresh();
   }
 
+  // A method that does not fit the chosen layer (too many passes) stays on offer when the
+  // service has a layer of its own for it (explain_layers), and choosing it moves there.
   function offerMethods() {
     const layer = ex.listing.layers.find((l) => l.name === byId("explain-layer").value);
+    const defaults = ex.listing.explain_layers || {};
     for (const option of byId("explain-method").options) {
       const cost = option.value === "occlusion" ? null : layer && layer.passes[option.value];
       const applies = option.value === "occlusion" || (layer && layer.methods.includes(option.value));
-      option.disabled = !applies || cost > ex.listing.max_passes;
+      option.disabled = (!applies || cost > ex.listing.max_passes) && !defaults[option.value];
       option.textContent = option.textContent.replace(/ \(\d+ passes\)$/, "") + (cost > 1 ? ` (${cost} passes)` : "");
     }
     byId("explain-layer").disabled = byId("explain-method").value === "occlusion";
+  }
+
+  function followDefault() {
+    const method = byId("explain-method").value;
+    const layer = ex.listing.layers.find((l) => l.name === byId("explain-layer").value);
+    const fits = layer && layer.methods.includes(method) && layer.passes[method] <= ex.listing.max_passes;
+    const own = (ex.listing.explain_layers || {})[method];
+    if (!fits && own) byId("explain-layer").value = own;
   }
 
   async function loadKernels(name) {
@@ -241,6 +252,7 @@
     byId("drop").addEventListener("drop", (event) => usePhoto(event.dataTransfer.files[0]));
     byId("model").addEventListener("change", () => chooseModel().catch((error) => caption(error.message, true)));
     byId("explain-method").addEventListener("change", () => {
+      followDefault();
       offerMethods();
       if (ex.photo) showMap();
     });

@@ -6,10 +6,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from playwright.sync_api import expect
 
 from app.config import Settings
 
 from ..conftest import MODELS, running_client
+from .conftest import CHROMIUM
 
 
 def explain(client, image: bytes, **query):
@@ -56,3 +58,16 @@ def test_a_lower_limit_moves_the_default_to_a_narrower_layer(tmp_path):
         assert listing["explain_layer"] == "features.relu2"  # 16 channels: 17 passes
         assert listing["explain_layers"]["scorecam"] == "features.relu1"  # 6 channels: 7 passes
         assert listing["explain_layers"]["gradcam"] == "features.relu2"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test does it)")
+def test_the_page_moves_a_costly_method_to_its_own_layer(browser, live_url):
+    page = browser.new_page(viewport={"width": 1100, "height": 1400})
+    page.goto(live_url)
+    expect(page.locator("#model")).to_have_value("efficientnet_lite0", timeout=30_000)
+    page.locator("#explain-examples button[title='chelsea']").click()
+    expect(page.locator("#explain-caption")).to_contain_text("gradcam at _swish#2", timeout=60_000)
+    page.select_option("#explain-method", "scorecam")
+    expect(page.locator("#explain-layer")).to_have_value("_blocks.15._bn2")
+    expect(page.locator("#explain-caption")).to_contain_text("scorecam at _blocks.15._bn2", timeout=120_000)
+    page.close()

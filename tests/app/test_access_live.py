@@ -19,7 +19,7 @@ from .access_helpers import entry, new_key, write_atomically
 
 HEADER_TIMEOUT_S = 1.5
 MARGIN_S = 5.0  # generous: two server processes and the tests share two cores
-READ, ADMIN, STEADY, LIMITED, FAIR_A, FAIR_B = (new_key(n) for n in ("r", "a", "s", "l", "fa", "fb"))
+READ, ADMIN, STEADY, LIMITED, FAIR_A, FAIR_B, CUT = (new_key(n) for n in ("r", "a", "s", "l", "fa", "fb", "c"))
 RATE, BURST = 2, 10
 
 
@@ -33,6 +33,7 @@ def keys_text(rotating: str) -> str:
             entry("limited", LIMITED, ["read"], rate=RATE, burst=BURST),
             entry("fair-a", FAIR_A, ["read"], rate=5, burst=5),
             entry("fair-b", FAIR_B, ["read"], rate=5, burst=5),
+            entry("cut", CUT, ["infer"], rate=0.1, burst=1),
         ]
     )
 
@@ -227,3 +228,44 @@ def test_two_hundred_clients_stalled_mid_header_are_closed_in_time_while_healthz
             sock.close()
     assert HEADER_TIMEOUT_S - 0.1 < elapsed < HEADER_TIMEOUT_S + MARGIN_S
     assert max(meanwhile) < 1.0, meanwhile
+
+
+def upload_head(key: str | None, length: int) -> bytes:
+    auth = f"x-api-key: {key}\r\n" if key else ""
+    return (
+        f"POST /classify HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: image/png\r\n"
+        f"{auth}content-length: {length}\r\n\r\n"
+    ).encode()
+
+
+def status_then_close_seconds(sock: socket.socket) -> tuple[int, float]:
+    """The status of the answer, and how long after it the server closed the connection."""
+    data = b""
+    while b"\r\n" not in data:
+        data += sock.recv(65536)
+    answered = time.monotonic()
+    while sock.recv(65536):
+        pass
+    return int(data.split(b" ", 2)[1]), time.monotonic() - answered
+
+
+def test_a_refused_body_is_read_to_its_end_then_the_connection_closes(port):
+    """The client reads its 401 before the close (no reset mid-upload), and the close comes as soon
+    as the last byte is in, not at a timeout."""
+    body = bytes(6 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=MARGIN_S) as sock:
+        sock.sendall(upload_head(None, len(body)) + body)
+        status, closed_after = status_then_close_seconds(sock)
+    assert status == 401 and closed_after < 1.0
+
+
+def test_a_client_over_its_rate_limit_is_closed_at_once_its_body_unread(port):
+    """Its headers announce 10 MB that never come: it is answered 429 and closed at once, where a
+    refused body is otherwise waited for (up to two seconds)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=MARGIN_S) as sock:
+        sock.sendall(upload_head(CUT, 10) + bytes(10))  # spends the burst of one (400: not an image)
+        assert status_then_close_seconds(sock)[0] == 400
+    with socket.create_connection(("127.0.0.1", port), timeout=MARGIN_S) as sock:
+        sock.sendall(upload_head(CUT, 10 << 20))
+        status, closed_after = status_then_close_seconds(sock)
+    assert status == 429 and closed_after < 0.5

@@ -22,8 +22,9 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.http.errors import send_error
+from app.process.connection import LINGER_EXTENSION
 from app.serving.access import OPEN, Access, Grant
-from app.serving.errors import BadRequest, ServingError, Unauthorized
+from app.serving.errors import BadRequest, RateLimited, ServingError, Unauthorized
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 OPEN_PREFIX = "/static/"
@@ -80,6 +81,8 @@ class AccessControl:
         try:
             grant = self.decide(scope)
         except ServingError as refusal:
+            if isinstance(refusal, RateLimited):  # its body is not worth reading (app/process/connection.py)
+                scope.get("extensions", {}).get(LINGER_EXTENSION, {})["drop"] = True
             await send_error(scope["path"], send, refusal)
             return
         headers = grant.headers() if grant else None

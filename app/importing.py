@@ -139,7 +139,7 @@ def given_preprocessing(args: argparse.Namespace) -> dict[str, Any]:
     if args.size:
         given["height"], given["width"] = args.size
     if args.resize is not None:
-        given["resize"] = None if args.resize == "none" else args.resize
+        given["resize"] = args.resize
     return given
 
 
@@ -179,8 +179,6 @@ def run_import(args: argparse.Namespace) -> int:
                 **(exported.preprocessing if exported else {}),
                 **{k: v for k, v in given.items() if v is not None},
             }
-            if "resize" in given and given["resize"] is None:
-                fields["resize"] = None
             spec = importer.input_spec(facts, args.preset, **fields)
             if exported and exported.labels and not args.labels:
                 labels = importer.counted(exported.labels, facts.classes)

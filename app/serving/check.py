@@ -32,6 +32,7 @@ from app.serving.spec import InputSpec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "static" / "examples"
 TIMED_RUNS = 5
+COMMON_SIZES = (128, 160, 192, 224, 256, 288, 299, 320, 384)  # tried when the graph's spatial dimensions are dynamic
 CROP_RATIOS = (0.875, 0.9, 0.95, 1.0)  # the centre crop's share of the shorter side in common recipes
 Reference = Callable[[Path], np.ndarray]
 """The framework's own preprocessing and model: an image file -> its logits, one per class."""
@@ -173,10 +174,15 @@ def disagreement(expected: np.ndarray, served: np.ndarray, tolerance: float) -> 
     return float(np.abs(expected - served).max() / spread)
 
 
-def alternatives(spec: InputSpec) -> list[tuple[str, str, dict[str, Any]]]:
-    """(step, what it would be, the InputSpec fields that say so) for each usual alternative."""
+def alternatives(spec: InputSpec, dynamic: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
+    """(step, what it would be, the InputSpec fields that say so) for each usual alternative; the
+    common input sizes too when the graph takes any (``dynamic``)."""
     found: list[tuple[str, str, dict[str, Any]]] = []
     side = min(spec.height, spec.width)
+    for size in COMMON_SIZES if dynamic else ():
+        if size != side:
+            resize = math.floor(size * spec.resize / side) if spec.resize else None
+            found.append(("size", f"a {size}x{size} input", {"height": size, "width": size, "resize": resize}))
     for ratio in CROP_RATIOS:
         shorter = math.floor(side / ratio)
         if shorter != spec.resize:
@@ -209,7 +215,7 @@ def alternatives(spec: InputSpec) -> list[tuple[str, str, dict[str, Any]]]:
             )
     for interpolation in ("bilinear", "bicubic", "nearest"):
         if interpolation != spec.interpolation:
-            found.append(("size", f"{interpolation} resampling", {"interpolation": interpolation}))
+            found.append(("resampling", f"{interpolation} resampling", {"interpolation": interpolation}))
     return found
 
 
@@ -235,7 +241,8 @@ def diagnose(
     )
     data = path.read_bytes()
     agreeing = []
-    for step, what, fields in alternatives(spec):
+    dynamic = -1 in (model.input.shape[1:3] if spec.layout == "NHWC" else model.input.shape[2:4])
+    for step, what, fields in alternatives(spec, dynamic):
         try:
             other = InputSpec.model_validate({**spec.model_dump(), **fields})
         except ValueError:
@@ -244,7 +251,7 @@ def diagnose(
         if diff is not None and diff <= tolerance:
             agreeing.append((diff, step, what, fields))
     if not agreeing:
-        steps = "crop, scale, channel order, normalisation, resampling"
+        steps = "size, crop, scale, channel order, normalisation, resampling"
         return f"{found}. No single preprocessing step ({steps}) explains it"
     _, step, what, fields = min(agreeing, key=lambda found: found[0])
     change = ", ".join(f"{key} {value}" for key, value in fields.items())

@@ -29,6 +29,7 @@ from app.serving.spec import NAME_PATTERN, InputSpec, ModelSpec, OutputSpec, Sou
 
 IMAGENET_MODEL = Path(__file__).resolve().parents[2] / "models" / "efficientnet_lite0"
 STAGING = ".importing-"  # a folder being written; hidden, so neither the repository nor poll mode sees it
+NO_RESIZE = "none"  # --resize none: straight to the input size, no centre crop
 VERSION_FOLDER = r"[1-9][0-9]*"  # as app/serving/repository.py reads them
 
 
@@ -153,12 +154,15 @@ def check_runtime(path: Path) -> None:
 
 def input_spec(facts: GraphFacts, preset: str | None = None, **given: Any) -> InputSpec:
     """The InputSpec of the graph's input: the preset's fields, then what was given (None: not
-    given), then the graph's own layout and size, which win over a preset's."""
+    given; ``resize="none"``: no crop), with the graph's own layout and size where it has them.
+    A preset's crop keeps its share of the shorter side at the size used (imagenet's 224 of 256
+    is 36 at 32)."""
     if preset is not None and preset not in PRESETS:
         raise ImportRefused(f"no preset {preset!r}; the presets are {', '.join(PRESETS)}")
-    fields: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
-    size_given = given.get("height") is not None
-    fields.update({key: value for key, value in given.items() if value is not None})
+    base: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
+    fields = {**base, **{key: value for key, value in given.items() if value is not None}}
+    if fields.get("resize") == NO_RESIZE:
+        fields["resize"] = None
     layout = fields.pop("layout", None) or facts.layout
     height, width = facts.spatial(layout)
     if height is None or width is None:
@@ -167,16 +171,14 @@ def input_spec(facts: GraphFacts, preset: str | None = None, **given: Any) -> In
                 f"input {facts.input!r} has dynamic spatial dimensions {shape_text(facts.input_shape)}; "
                 "give the size it was trained at (--size 224) or a --preset"
             )
-    elif size_given and (fields["height"], fields["width"]) != (height, width):
+    elif given.get("height") is not None and (given["height"], given["width"]) != (height, width):
         raise ImportRefused(
-            f"--size {fields['height']}x{fields['width']} does not fit the graph's input {height}x{width}"
+            f"--size {given['height']}x{given['width']} does not fit the graph's input {height}x{width}"
         )
-    elif "height" in fields and (fields["height"], fields["width"]) != (height, width):
-        if fields.get("resize"):  # the preset's crop ratio at the graph's size
-            fields["resize"] = resize_for(min(height, width), fields["height"] / fields["resize"])
-        fields["height"], fields["width"] = height, width
     else:
         fields["height"], fields["width"] = height, width
+    if given.get("resize") is None and base.get("resize") and base["height"] != fields["height"]:
+        fields["resize"] = resize_for(min(fields["height"], fields["width"]), base["height"] / base["resize"])
     channels = facts.channels(layout)
     if "color" not in fields:
         fields["color"] = "L" if channels == 1 else "RGB"

@@ -35,11 +35,16 @@ def tiny_cnn(
     classes: int = CLASSES,
     head: bool = True,
     custom: bool = False,
+    edges: bool = False,
 ) -> Path:
-    """Conv 3x3 -> ReLU -> global average pool -> flatten -> linear, random weights (seed 0)."""
+    """Conv 3x3 -> ReLU -> global average pool -> flatten -> linear, random weights (seed 0);
+    ``edges``: each kernel a Laplacian, whose response depends on the image's scale."""
     rng = np.random.default_rng(0)
+    kernels = rng.standard_normal((8, 3, 3, 3))
+    if edges:
+        kernels = rng.standard_normal((8, 3, 1, 1)) * np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]])
     weights = [
-        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(kernels.astype(np.float32), "w"),
         numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
         numpy_helper.from_array(rng.standard_normal((classes, 8)).astype(np.float32), "fc"),
         numpy_helper.from_array(np.zeros(classes, np.float32), "fcb"),
@@ -152,7 +157,7 @@ def test_a_dynamic_input_takes_the_size_given(tmp_path):
     source = tiny_cnn(tmp_path / "dynamic.onnx", shape=("batch", 3, "height", "width"))
     assert imported(tmp_path / "repo", source, "dynamic", "--preset", "imagenet", "--size", "64") == 0
     spec = json.loads((tmp_path / "repo" / "dynamic" / "model.json").read_text())["input"]
-    assert (spec["height"], spec["width"], spec["resize"]) == (64, 64, 256)
+    assert (spec["height"], spec["width"], spec["resize"]) == (64, 64, 73)  # 224 of 256 at 64
 
 
 # -- served over HTTP, picked up while serving ---------------------------------------------------
@@ -228,6 +233,40 @@ def test_a_wrong_channel_order_is_named(tmp_path, sources, photos):
 
     with pytest.raises(check.CheckFailed, match="The channel order differs: with RGB they agree"):
         check.check(tmp_path / "wrong" / "tiny", "tiny", "1", Settings(), [photos["chelsea"]], framework, "ours")
+
+
+def test_a_wrong_size_is_named(tmp_path, photos):
+    """A graph that takes any size, trained at 128; the folder says 224."""
+    source = tiny_cnn(tmp_path / "dynamic.onnx", shape=("batch", 3, "height", "width"), edges=True)
+    assert imported(tmp_path / "right", source, "tiny", "--preset", "imagenet", "--size", "128") == 0
+    assert imported(tmp_path / "wrong", source, "tiny", "--preset", "imagenet", "--size", "224") == 0
+    right = check.load(tmp_path / "right" / "tiny", "tiny", "1", Settings())
+
+    def framework(path: Path) -> np.ndarray:
+        return check.run(right, right.spec.input, path.read_bytes(), 50_000_000)
+
+    with pytest.raises(check.CheckFailed, match="The size differs: with a 128x128 input they agree"):
+        check.check(tmp_path / "wrong" / "tiny", "tiny", "1", Settings(), [photos["chelsea"]], framework, "ours")
+
+
+def test_resize_none_overrides_the_presets_crop(tmp_path, sources):
+    assert imported(tmp_path, sources / "tiny.onnx", "plain", "--preset", "imagenet", "--resize", "none") == 0
+    assert "resize" not in json.loads((tmp_path / "plain" / "model.json").read_text())["input"]
+
+
+def test_the_help_says_what_each_source_needs(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["import", "--help"])
+    out = capsys.readouterr().out
+    assert "--torchvision ARCH" in out and "Hugging Face" in out and "Nothing is downloaded" in out
+
+
+def test_check_takes_the_users_images_too(tmp_path, sources, capsys):
+    assert imported(tmp_path, sources / "tiny.onnx", "tiny", "--preset", "imagenet") == 0
+    image = tmp_path / "mine.png"
+    image.write_bytes((check.EXAMPLES / "fashion-0.png").read_bytes())
+    assert run_check(parse_args(["check", "tiny", "--models-dir", str(tmp_path), "--image", str(image)])) == 0
+    assert "  mine.png: " in capsys.readouterr().out
 
 
 # -- mistakes, each with its message ---------------------------------------------------------------

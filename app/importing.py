@@ -187,7 +187,7 @@ def run_import(args: argparse.Namespace) -> int:
             source = (
                 exported.source
                 if exported
-                else Source(architecture=args.name, dataset="unknown", command=command_line())
+                else Source(architecture=args.name, dataset="unknown", command=command_of(args))
             )
             staged = importer.stage_model(
                 settings.models_dir,
@@ -290,5 +290,18 @@ def framework_reference(spec: Any) -> tuple[Reference | None, str | None]:
     return found
 
 
-def command_line() -> str:
-    return "cnnserve " + " ".join(sys.argv[1:])
+def command_of(args: argparse.Namespace) -> str:
+    """The import as a command line, from what was given (model.json's source.command)."""
+    flags = ("preset", "size", "resize", "interpolation", "color", "layout", "mean", "std", "labels", "output")
+    words = ["cnnserve", "import", str(args.source), "--name", args.name]
+    for flag in flags:
+        value = getattr(args, flag)
+        if isinstance(value, tuple):  # --size
+            words += [f"--{flag}", "x".join(map(str, value))]
+        elif isinstance(value, list):  # --mean, --std
+            words += [f"--{flag}", ",".join(f"{x:g}" for x in value)]
+        elif value is not None:
+            words += [f"--{flag}", str(value)]
+    if args.kind != "logits":
+        words += ["--kind", args.kind]
+    return " ".join(words)

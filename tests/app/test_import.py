@@ -140,6 +140,11 @@ def test_the_folder_holds_what_the_graph_and_the_preset_say(repo, sources):
     assert spec["output"] == {"name": "logits", "kind": "logits"}
     assert spec["labels"] == LABELS
     assert spec["sha256"] == hashlib.sha256((sources / "tiny.onnx").read_bytes()).hexdigest()
+    labels = sources / "labels.txt"
+    assert (
+        spec["source"]["command"]
+        == f"cnnserve import {sources / 'tiny.onnx'} --name tiny --preset imagenet --labels {labels}"
+    )
 
 
 def test_nothing_half_written_is_left_in_the_repository(repo):

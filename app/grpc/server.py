@@ -13,8 +13,10 @@ finish, new ones are refused.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -30,14 +32,61 @@ GRACE_SECONDS = 30.0
 MAX_CONCURRENT_RPCS = 256  # calls in flight per process; beyond, RESOURCE_EXHAUSTED (each may hold a message)
 
 
-def handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
-    """The service's methods from the .proto's descriptor, each to the servicer's method of that name."""
+HELD_MESSAGES = 8  # messages of the largest size this process holds at once; beyond, RESOURCE_EXHAUSTED
+
+
+@dataclass
+class Held:
+    """A request message and the bytes it came in, counted against the process's budget until its
+    call ends; ``message`` is None for one refused because the budget was spent."""
+
+    message: Any
+    size: int
+
+
+@dataclass
+class MessageBudget:
+    """The request bytes this process's calls hold, bounded: grpc.aio reads a call's message whole
+    before the call starts, and then it waits for admission like any other, so 256 calls of 20
+    MiB could hold 5 GiB in one process. A message that would take the held bytes past the budget
+    is dropped as soon as it is read and its call refused RESOURCE_EXHAUSTED, with Retry-After."""
+
+    limit: int
+    held: int = 0
+
+    def reader(self, parse: Callable[[bytes], Any]) -> Callable[[bytes], Held]:
+        def read(data: bytes) -> Held:
+            if self.held + len(data) > self.limit:
+                return Held(None, 0)
+            self.held += len(data)
+            return Held(parse(data), len(data))
+
+        return read
+
+    def call(self, method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Held, Any], Awaitable[Any]]:
+        async def bounded(held: Held, context: Any) -> Any:
+            if held.message is None:
+                context.set_trailing_metadata((("retry-after", "1"),))
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "this process holds all the message bytes it may"
+                )
+            try:
+                return await method(held.message, context)
+            finally:
+                self.held -= held.size
+
+        return bounded
+
+
+def handlers(servicer: Servicer, budget: MessageBudget) -> grpc.GenericRpcHandler:
+    """The service's methods from the .proto's descriptor, each to the servicer's method of that
+    name, its request counted against ``budget`` while the call lasts."""
     methods = {}
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         methods[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            request_deserializer=request.FromString,
+            budget.call(getattr(servicer, method.name)),
+            request_deserializer=budget.reader(request.FromString),
             response_serializer=response.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE, methods)
@@ -79,7 +128,8 @@ async def serving(services: Services, processes: int = 1) -> AsyncIterator[int]:
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    server.add_generic_rpc_handlers((handlers(Servicer(services)),))
+    budget = MessageBudget(HELD_MESSAGES * limit)
+    server.add_generic_rpc_handlers((handlers(Servicer(services), budget),))
     add_health(server, services)  # grpc.health.v1, for Kubernetes' gRPC probes
     try:
         port = bind(server, settings)

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from app import importing
+from app import credentials, importing
 from app.config import Settings
 
 
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="poll mode: seconds between looks at the repository (default 2)",
     )
     add_ray_command(commands)
+    credentials.add_commands(commands)
     importing.add_commands(commands)
     classify = commands.add_parser("classify", help="classify image files with a running service, print the top-k")
     classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
             "ray": serve_on_ray,
             "import": importing.run_import,
             "check": importing.run_check,
+            "token": credentials.run_token,
+            "key": credentials.run_key,
         }
         sys.exit(commands[args.command](args))
 

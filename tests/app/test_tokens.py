@@ -7,6 +7,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import time
 
 import jwt
@@ -18,6 +21,7 @@ from app.config import Settings
 from app.serving.access import Access
 from app.serving.errors import Forbidden, Unauthorized
 
+from ..conftest import ROOT
 from .access_helpers import AUDIENCE, SECRET, entry, new_key, token, write_atomically
 
 
@@ -143,3 +147,30 @@ def test_a_broken_keys_file_leaves_the_keys_as_they_were(tmp_path):
     write_atomically(keys, "[[key]]\nname = 'half-written")
     time.sleep(0.6)
     assert access.admit(key, "read", "-").credential.name == "kept"
+
+
+def cli(*arguments: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *arguments],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def test_cnnserve_token_mints_a_token_the_service_accepts_for_its_ttl():
+    printed = cli("token", "--scope", "infer", "--scope", "read", "--ttl", "10m", CNNSERVE_JWT_SECRET=SECRET).stdout
+    grant = Access(Settings(jwt_secret=SECRET)).admit(printed.strip(), "infer", "-")
+    assert grant.credential.scopes == {"infer", "read"}
+    claims = jwt.decode(printed.strip(), SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    assert claims["exp"] - claims["iat"] == 600
+
+
+def test_cnnserve_key_prints_a_key_and_the_entry_that_admits_it(tmp_path):
+    printed = cli("key", "--name", "ci", "--scope", "read")
+    keys = tmp_path / "keys.toml"
+    keys.write_text(printed.stderr)
+    assert Access(Settings(keys_file=keys)).admit(printed.stdout.strip(), "read", "-").credential.name == "ci"
+    assert printed.stdout.strip() not in printed.stderr

@@ -11,6 +11,15 @@ function headers() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
+// A backend hands its page a short-lived token (cnnserve token) as /#token=...: a fragment never
+// reaches a server or its logs, and it is taken off the address at once.
+function takeTokenFromFragment() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (!token) return;
+  $("api-key").value = token;
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 function say(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
@@ -186,6 +195,7 @@ function wire() {
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
   $("api-key").addEventListener("change", () => loadModels().catch((error) => say(error.message, true)));
+  takeTokenFromFragment();
   loadModels().catch((error) => say(`Could not list the models: ${error.message}`, true));
 }
 

@@ -36,6 +36,7 @@ def tiny_cnn(
     head: bool = True,
     custom: bool = False,
     edges: bool = False,
+    nhwc: bool = False,
 ) -> Path:
     """Conv 3x3 -> ReLU -> global average pool -> flatten -> linear, random weights (seed 0);
     ``edges``: each kernel a Laplacian, whose response depends on the image's scale."""
@@ -49,8 +50,13 @@ def tiny_cnn(
         numpy_helper.from_array(rng.standard_normal((classes, 8)).astype(np.float32), "fc"),
         numpy_helper.from_array(np.zeros(classes, np.float32), "fcb"),
     ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+    first = "x"
+    if nhwc:  # channels last, as TensorFlow's exports take them
+        first = "x_nchw"
+        shape = (shape[0], shape[2], shape[3], shape[1])
+    nodes = [helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2], name="to_nchw")] if nhwc else []
+    nodes += [
+        helper.make_node("Conv", [first, "w", "b"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
         helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
     ]
     if custom:
@@ -252,6 +258,20 @@ def test_a_wrong_size_is_named(tmp_path, photos):
 
     with pytest.raises(check.CheckFailed, match="The size differs: with a 128x128 input they agree"):
         check.check(tmp_path / "wrong" / "tiny", "tiny", "1", Settings(), [photos["chelsea"]], framework, "ours")
+
+
+def test_a_channels_last_graph_is_read_as_nhwc(tmp_path, photos):
+    source = tiny_cnn(tmp_path / "nhwc.onnx", nhwc=True)
+    assert imported(tmp_path / "repo", source, "nhwc", "--preset", "imagenet") == 0
+    spec = json.loads((tmp_path / "repo" / "nhwc" / "model.json").read_text())["input"]
+    assert (spec["layout"], spec["height"], spec["width"]) == ("NHWC", 32, 32)
+
+
+def test_labels_from_an_id2label_json_object(tmp_path, sources):
+    (tmp_path / "labels.json").write_text(json.dumps({str(i): name for i, name in reversed(list(enumerate(LABELS)))}))
+    flags = ("--preset", "imagenet", "--labels", str(tmp_path / "labels.json"))
+    assert imported(tmp_path / "repo", sources / "tiny.onnx", "named", *flags) == 0
+    assert json.loads((tmp_path / "repo" / "named" / "model.json").read_text())["labels"] == LABELS
 
 
 def test_resize_none_overrides_the_presets_crop(tmp_path, sources):

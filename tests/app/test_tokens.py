@@ -174,3 +174,11 @@ def test_cnnserve_key_prints_a_key_and_the_entry_that_admits_it(tmp_path):
     keys.write_text(printed.stderr)
     assert Access(Settings(keys_file=keys)).admit(printed.stdout.strip(), "read", "-").credential.name == "ci"
     assert printed.stdout.strip() not in printed.stderr
+
+
+def test_a_token_admitted_before_is_refused_once_it_expires(access):
+    """Verified tokens are remembered (verifying costs about 70 us), but never past their exp."""
+    short = token("infer", ttl=1.0)
+    assert access.admit(short, "infer", "-").credential.name == "token:page"
+    time.sleep(1.5)
+    assert refusal(access, short).reason == "expired"

@@ -22,6 +22,7 @@ from app.config import Settings
 from app.serving import precision
 from app.serving.runtime import (
     CPU,
+    TENSORRT,
     ProviderUnavailable,
     ShapedRunner,
     accelerator_providers,
@@ -69,8 +70,10 @@ def build(proto: onnx.ModelProto, folder: Path, spec: ModelSpec, settings: Setti
     change = check_fp16(folder, spec, settings, runner, session_on(original, providers, 1)) if fp16 else 0.0
     runner.warm()
     provider = first.get_providers()[0]
-    if providers[0] != CPU:
-        log.info("model %s: TensorRT %s", spec.name, tensorrt_status())
+    if providers[0] != CPU and provider != TENSORRT:
+        asked = providers[0][0] == TENSORRT
+        status = "asked for, but the session fell back to CUDA" if asked else tensorrt_status()
+        log.info("model %s: TensorRT %s", spec.name, status)
     return Shaped(runner, provider, settings.precision, change)
 
 

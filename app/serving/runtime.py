@@ -7,7 +7,9 @@ A CUDA provider that fails to load only logs a warning and the session runs on t
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -53,9 +55,13 @@ def choose_providers(preference: str, available: list[str]) -> list[str | tuple[
 def load_cuda_libraries() -> None:
     """onnxruntime-gpu 1.21 and later find CUDA and cuDNN from pip's nvidia packages only once
     ``preload_dlls()`` has loaded them; without it the CUDA provider fails to load and the session
-    falls back to the CPU. Once per process, before its first CUDA session."""
+    falls back to the CPU. TensorRT's libraries (PyPI's ``tensorrt-cu12`` or ``-cu13``) load when
+    its Python package is imported, where it is installed. Once per process, before its first
+    CUDA session."""
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
+    with contextlib.suppress(ImportError):
+        importlib.import_module("tensorrt")
 
 
 def accelerated(preference: str) -> bool:

@@ -25,6 +25,8 @@ from app.serving.errors import DeadlineExceeded
 from app.serving.feed import SUBMITTED, TAKEN, Feed, FeedClient, FeedRefused, OwnerLost, encode_key
 from app.serving.loader import read_spec
 from app.serving.owner import Owner, Taken, pack
+from app.serving.preprocess import prepare
+from bench.gpu_serving import v2_request
 
 from ..conftest import MODELS, live_server
 from .test_server import command_line
@@ -264,6 +266,22 @@ def test_the_feed_answers_as_a_server_process_with_its_own_session_does(deployme
         ours, theirs = (json.loads(b)["predictions"] for b in (body, expected))
         assert [p["index"] for p in ours] == [p["index"] for p in theirs]
         assert np.allclose([p["score"] for p in ours], [p["score"] for p in theirs], atol=1e-5)
+
+
+def test_v2_binary_tensors_through_the_feed_answer_as_a_process_with_its_own_session(deployment, live_url, small_jpeg):
+    port = deployment[0]
+    spec = read_spec(MODELS / "efficientnet_lite0").input
+    request = v2_request("efficientnet_lite0", spec, np.concatenate([prepare(small_jpeg, spec, 50_000_000)] * 3))
+    answers = []
+    for target in (port, int(live_url.rsplit(":", 1)[1])):
+        connection = http.client.HTTPConnection("127.0.0.1", target, timeout=WAIT_S)
+        connection.request("POST", request.path, body=request.body, headers=request.headers)
+        response = connection.getresponse()
+        assert response.status == 200
+        length = int(response.getheader("Inference-Header-Content-Length"))
+        answers.append(np.frombuffer(response.read()[length:], np.float32).reshape(3, -1))
+        connection.close()
+    assert np.allclose(answers[0], answers[1], atol=1e-4)
 
 
 class Load:

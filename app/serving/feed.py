@@ -21,6 +21,10 @@ FAILED (owner) -> FREE (client). Each owner has a generation, bumped by the supe
 replaces a dead one: a slot the dead owner had TAKEN fails with a retryable 503 (OwnerLost), one
 it had not yet taken is handed to the replacement, and an owner only takes slots of its own
 generation.
+
+Known limit: a slot's data is written before its state, and the other process is trusted to see
+them in that order, which x86 guarantees (TSO); an ARM host (NVIDIA Grace) may reorder the stores,
+and would need a fence there. Not verified on ARM.
 """
 
 from __future__ import annotations

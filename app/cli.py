@@ -32,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--processes", type=int, help="server processes sharing the port (default: one per core on the CPU, up to 4)"
     )
     serve.add_argument(
+        "--feed",
+        choices=["auto", "shared", "per-process"],
+        help="where inference runs: shared, one inference process per GPU fed by every server process; per-process, "
+        "in each (default auto: shared on a GPU, per-process on the CPU)",
+    )
+    serve.add_argument("--precision", choices=["fp32", "fp16"], help="on a GPU: fp16 converts each model, checked")
+    serve.add_argument(
         "--model-control",
         choices=["none", "explicit", "poll"],
         help="none (default): every model at start, no repository API; explicit: the --load-model ones at start, "
@@ -142,6 +149,8 @@ def serve_settings_of(args: argparse.Namespace) -> Settings:
         "port": args.port,
         "grpc_port": args.grpc_port,
         "processes": args.processes,
+        "feed": args.feed,
+        "precision": args.precision,
         "model_control": args.model_control,
         "load_models": ",".join(args.load_model) if args.load_model else None,
         "poll_interval_s": args.poll_interval,

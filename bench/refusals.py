@@ -1,0 +1,115 @@
+"""What a refused upload costs the server: clients send big bodies without a credential and send
+again at once after each 401; the server's CPU (its processes', from /proc) per refusal, and the
+/healthz latency seen meanwhile from a process of its own.
+
+    python -m bench.refusals --clients 8 --processes 1 --bytes 3000000 --seconds 6
+
+Run it on a commit before and after a change, on the same machine, in turn: the figures move with
+the machine's other load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench.run import ROOT
+from tests.conftest import free_port, wait_ready
+
+PROBE = """
+import http.client, json, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+latencies, stop = [], time.monotonic() + seconds
+while time.monotonic() < stop:
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/healthz")
+    connection.getresponse().read()
+    connection.close()
+    latencies.append(time.perf_counter() - started)
+    time.sleep(0.05)
+print(json.dumps(latencies))
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(int(child)) for child in children)
+
+
+def refused(port: int, body: bytes) -> int | str:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", "/classify", body=body, headers={"content-type": "image/jpeg"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+    finally:
+        connection.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--bytes", type=int, default=3_000_000)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    args = parser.parse_args()
+    port = free_port()
+    environment = {
+        **os.environ,
+        "CNNSERVE_PORT": str(port),
+        "CNNSERVE_GRPC_PORT": "0",
+        "CNNSERVE_PROCESSES": str(args.processes),
+        "CNNSERVE_API_KEY": os.urandom(16).hex(),
+        "CNNSERVE_DEFAULT_MODEL": "lenet5",
+    }
+    server = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=environment)
+    body, statuses = os.urandom(args.bytes), Counter[int | str]()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server)
+        probe = subprocess.Popen(
+            [sys.executable, "-c", PROBE, str(port), str(args.seconds)], stdout=subprocess.PIPE, text=True
+        )
+        stop_at, before = time.monotonic() + args.seconds, cpu_seconds(server.pid)
+
+        def client() -> None:
+            while time.monotonic() < stop_at:
+                statuses[refused(port, body)] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        used = cpu_seconds(server.pid) - before
+        latencies = json.loads(probe.communicate()[0])
+    finally:
+        server.terminate()
+        server.wait(60)
+    count = sum(statuses.values())
+    print(
+        f"{dict(statuses)} in {args.seconds:g} s; server CPU {used:.2f} s = {used / count * 1000:.2f} ms a refusal; "
+        f"/healthz p50 {percentile(latencies, 0.5) * 1000:.1f} ms, p99 {percentile(latencies, 0.99) * 1000:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Fixed batch shapes with bound buffers, FP16 checked at load, and TensorRT reported: what a model
 gets on an accelerator, run here on the CPU provider with real sessions."""
 
+import json
 import re
 
 import numpy as np
@@ -10,10 +11,12 @@ import pytest
 
 from app.config import Settings
 from app.serving import accelerated, precision
-from app.serving.loader import read_spec
+from app.serving.loader import inference, read_spec
+from app.serving.owner import load_model
 from app.serving.runtime import CPU, ShapedRunner, tensorrt_status
+from app.sizing import accelerator_plan
 
-from ..conftest import MODELS
+from ..conftest import MODELS, spec_of
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,29 @@ def test_a_demanded_cuda_this_machine_lacks_refuses_the_model_with_the_reason():
         pytest.skip("this machine has CUDA")
     with pytest.raises(accelerated.Refused, match="onnxruntime-gpu"):
         accelerated.build(onnx.load(MODELS / "lenet5" / "model.onnx"), MODELS / "lenet5", spec, settings)
+
+
+def test_a_server_process_with_its_own_accelerator_session_runs_the_requests_unjoined(lenet):
+    """The per-process candidate's wiring: the loader's call on a plan with batch shapes."""
+    session, images = lenet
+    settings = Settings(providers="cpu", batch_shapes="1,4")
+    spec = read_spec(MODELS / "lenet5")
+    plan = accelerator_plan(settings, processes=1, cpus=1)
+    proto = onnx.load(MODELS / "lenet5" / "model.onnx")
+    run_parts, providers = inference(MODELS / "lenet5", spec, proto, settings, plan, None, "1")
+    assert providers == (CPU,) and plan.max_batch == 4
+    rows = run_parts([images[:1], images[1:3], images[3:6]])
+    assert np.allclose(rows, session.run(None, {"input": images[:6]})[0], atol=1e-5)
+
+
+def test_model_json_asks_for_fp16_per_model(repo_copy, lenet):
+    """The inference process reads model.json's ``serving.precision`` over the global setting."""
+    session, images = lenet
+    folder = repo_copy / "lenet5"
+    spec = spec_of(folder)
+    spec["serving"] = {"precision": "fp16"}
+    (folder / "model.json").write_text(json.dumps(spec))
+    shaped = load_model(folder, "lenet5", spec["sha256"], Settings(providers="cpu", batch_shapes="1,4"), 0)
+    assert shaped.precision == "fp16"
+    rows, expected = shaped.runner.run(images[:4]), session.run(None, {"input": images[:4]})[0]
+    assert not np.array_equal(rows, expected) and np.allclose(rows, expected, atol=0.05)

@@ -278,14 +278,18 @@ class Staged:
     def commit(self) -> Path:
         """The folder in place: the model itself when new, else its version folder (a flat model's
         files are first moved into version folder 1, as a model with versions keeps them)."""
-        if self.version == loader.FLAT_VERSION and not self.home.exists():
-            self.folder.rename(self.home)
-            return self.home
-        if (self.home / "model.json").is_file():
-            _flat_to_version_one(self.home)
-        final = self.home / self.version
-        self.folder.rename(final)
-        return final
+        try:
+            if self.version == loader.FLAT_VERSION and not self.home.exists():
+                self.folder.rename(self.home)
+                return self.home
+            if (self.home / "model.json").is_file():
+                _flat_to_version_one(self.home)
+            final = self.home / self.version
+            self.folder.rename(final)
+            return final
+        except OSError as error:  # another import took the name or the version meanwhile
+            self.discard()
+            raise ImportRefused(f"{self.name} version {self.version} could not be put in place: {error}") from None
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -358,6 +358,18 @@ def test_a_pytorch_file_without_torch_says_what_to_install(capsys, tmp_path):
     assert "needs PyTorch" in err and "pip install 'cnnserve[train]'" in err
 
 
+def test_a_version_taken_meanwhile_is_refused_and_nothing_is_left(tmp_path, sources):
+    facts = importer.read_graph(sources / "tiny.onnx")
+    spec = importer.input_spec(facts, "imagenet")
+    source = Source(architecture="tiny", dataset="none")
+    first = importer.stage_model(tmp_path, "tiny", sources / "tiny.onnx", spec, facts, LABELS, source)
+    (tmp_path / "tiny" / "1").mkdir(parents=True)  # another import's version 1 arrived first
+    (tmp_path / "tiny" / "1" / "model.json").write_text("{}")
+    with pytest.raises(importer.ImportRefused, match="tiny version 1 could not be put in place"):
+        first.commit()
+    assert not first.folder.exists()
+
+
 def test_unknown_names_are_refused_before_anything_is_written(tmp_path, sources):
     with pytest.raises(importer.ImportRefused, match="not a model name"):
         importer.stage_model(

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve HTTPS and gRPC over TLS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed (mTLS)")
+    worker_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="nice value of every thread of a server process but its event loop's (cnnserve serve, Linux): "
+        "the loop answers probes and refusals first under load; 0: all equal",
+    )
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection that has not sent a request's complete headers within this is closed"
     )

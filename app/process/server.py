@@ -7,6 +7,7 @@ imported, before any of our code runs in the child.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -44,6 +45,29 @@ log = logging.getLogger("cnnserve")
 GRACEFUL_SHUTDOWN_SECONDS = 30
 
 
+class Precedence:
+    """The event loop's thread before the others (CNNSERVE_WORKER_NICE): every thread of this
+    process but the loop's (the batchers' workers, the decoding pool, ONNX Runtime's own) runs at
+    that nice value, checked every tick for new ones. The loop answers probes, refusals and
+    admissions, microseconds each; with the same weight as the threads that decode and infer, it
+    waits behind them in a flood (README "Access control" has the figures). Linux only: a thread's
+    nice value is its own there."""
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice
+        self.done: set[int] = {threading.get_native_id()}
+
+    def apply(self) -> None:
+        try:
+            threads = {int(name) for name in os.listdir("/proc/self/task")}
+        except OSError:
+            return
+        for thread in threads - self.done:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, thread, self.nice)
+        self.done = (self.done & threads) | threads
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, but the first SIGTERM/SIGINT turns /readyz to 503 and keeps serving for
     CNNSERVE_DRAIN_SECONDS (so a load balancer stops sending), then shuts down gracefully:
@@ -53,6 +77,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.services = services
         self.share = share
+        nice = services.settings.worker_nice
+        self.precedence = Precedence(nice) if nice > 0 else None
         if share is not None:
             share.connections = self.server_state.connections
 
@@ -61,6 +87,8 @@ class DrainingServer(uvicorn.Server):
         self.services.metrics.connections.set(len(self.server_state.connections))
         if self.share is not None:
             self.share.publish()
+        if self.precedence is not None:
+            self.precedence.apply()
         return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -122,11 +122,18 @@ arm64() {
     name=cnnserve-arm64-$$
     # shellcheck disable=SC2064
     trap "$e rm -f $name >/dev/null 2>&1" EXIT
-    $e run -d --name "$name" "${ULIMITS[@]}" --read-only --tmpfs /tmp --cap-drop ALL -p 127.0.0.1::8000 "$tag" >/dev/null
+    $e run -d --platform linux/arm64 --name "$name" "${ULIMITS[@]}" --read-only --tmpfs /tmp --cap-drop ALL \
+        -p 127.0.0.1::8000 "$tag" >/dev/null
     url=http://$($e port "$name" 8000/tcp)
     local start=$SECONDS
     until [[ $(curl -s -o /dev/null -w '%{http_code}' "$url/readyz") == 200 ]]; do
         [[ $($e inspect --format '{{.State.Status}}' "$name") == running ]] || { $e logs "$name" | tail -20 >&2; return 1; }
+        # a server process killed by a signal under the emulator is replaced, and dies again
+        if $e logs "$name" 2>&1 | grep -q 'uncaught target signal'; then
+            $e logs "$name" 2>&1 | grep -v systemd | tail -5 >&2
+            echo "arm64: a server process died under qemu-user (above); try: $e run --rm --platform linux/arm64 $tag python -X faulthandler -c 'import onnxruntime'" >&2
+            return 1
+        fi
         ((SECONDS - start < 900)) || { echo "arm64: not ready after 900 s" >&2; return 1; }
         sleep 2
     done

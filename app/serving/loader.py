@@ -67,6 +67,7 @@ class Model:
     load_seconds: float
     version: str = FLAT_VERSION
     fingerprint: tuple[object, ...] = ()  # what its files looked like when loaded (app/serving/repository.py)
+    inspecting: str = "auto"  # providers of this process's own sessions (explanations): "cpu" beside the shared feed
 
     @property
     def name(self) -> str:
@@ -144,7 +145,8 @@ def load(
     if settings.featuremaps:
         if external:
             onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
-        analysis, featuremaps = inspection(proto, folder, spec, settings, plan.threads)
+        inspecting = settings.model_copy(update={"providers": own})  # on the CPU beside the shared feed
+        analysis, featuremaps = inspection(proto, folder, spec, inspecting, plan.threads)
     return Model(
         spec=spec,
         path=folder,
@@ -160,6 +162,7 @@ def load(
         load_seconds=time.perf_counter() - started,
         version=version,
         fingerprint=fingerprint,
+        inspecting=own,
     )
 
 

@@ -588,7 +588,7 @@ class Service:
             proto = onnx.load_from_string(read_verified(own_file(model.path, "model.onnx"), model.spec.sha256))
             if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
                 onnx.external_data_helper.load_external_data_for_model(proto, str(model.path))
-            return saliency.Explainer(proto, model.spec, self.settings.providers, model.plan.threads)
+            return saliency.Explainer(proto, model.spec, model.inspecting, model.plan.threads)
 
         built = await model.batcher.call(build, model.timeout)
         return _EXPLAINERS.setdefault(key, built)

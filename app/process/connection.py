@@ -54,7 +54,7 @@ class LingeringTransport:
     def close(self) -> None:
         if self.connection.lingering:
             return
-        if self.connection.body_pending():
+        if not self.transport.is_closing() and self.connection.body_pending():
             self.connection.linger()
         else:
             self.transport.close()
@@ -166,8 +166,11 @@ class Connection(HttpToolsProtocol):
         raw = self.raw
         if raw is None or self.body_left is None or raw.get_extra_info("sslcontext") is not None:
             return False
+        connected = raw.get_extra_info("socket")
+        if connected is None or connected.fileno() < 0:
+            return False
         raw.pause_reading()
-        self.sink = socket.socket(fileno=os.dup(raw.get_extra_info("socket").fileno()))
+        self.sink = socket.socket(fileno=os.dup(connected.fileno()))
         self.sink.setblocking(False)
         self.loop.add_reader(self.sink.fileno(), self.drop)
         return True

@@ -327,7 +327,7 @@ class Access:
             self.metrics.access_refusals.labels(reason).inc()
 
     def count(self, credential: Credential, scope: str, client: str, action: str) -> None:
-        if scope == "admin":
+        if scope == "admin" and not action.startswith("GET "):  # a scrape of /metrics is no action
             log.info("admin %s: credential=%s client=%s", action, credential.name, client)
         if self.metrics is not None and self.enabled:
             self.metrics.credential_requests.labels(credential.metric_label).inc()

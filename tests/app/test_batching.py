@@ -81,6 +81,39 @@ def test_concurrent_requests_are_joined_and_each_gets_its_own_row(lenet):
         assert np.allclose(row, expected[i : i + 1], atol=1e-5)
 
 
+class Parts(Gate):
+    """A model call on the requests' images unjoined (an accelerator's bound input, the shared feed)."""
+
+    def __init__(self, session) -> None:
+        super().__init__(session)
+        self.parts: list[list[int]] = []
+
+    def run_parts(self, parts: list[np.ndarray]) -> np.ndarray:
+        self.entered.set()
+        self.open.wait(10)
+        self.parts.append([len(part) for part in parts])
+        return self.session.run(None, {"input": np.concatenate(parts)})[0]
+
+
+def test_a_model_that_takes_the_requests_unjoined_gets_each_requests_images_as_they_came(lenet):
+    session, images = lenet
+    gate = Parts(session)
+    b = batcher(gate, run_parts=gate.run_parts)
+
+    async def scenario():
+        first = await hold_worker(b, gate, images[:1])
+        requests = [b.submit(images[1:3], timeout=10), b.submit(images[3:6], timeout=10)]
+        results = await asyncio.gather(first, *requests, release_later(gate))
+        await b.close()
+        return results[:3]
+
+    results = asyncio.run(scenario())
+    expected = session.run(None, {"input": images[:6]})[0]
+    assert gate.parts == [[1], [2, 3]]
+    for row, (start, end) in zip(results, [(0, 1), (1, 3), (3, 6)], strict=True):
+        assert np.allclose(row, expected[start:end], atol=1e-5)
+
+
 def test_requests_of_several_images_share_batches_up_to_the_image_limit(lenet):
     session, images = lenet
     gate = Gate(session)

@@ -296,7 +296,9 @@ class Access:
         if not self.enabled:
             return Credential(f"client:{client}", ALL, label="anonymous")
         if not secret:
-            raise Unauthorized("a credential is needed: 'Authorization: Bearer KEY_OR_TOKEN' or 'X-API-Key: KEY'")
+            raise Unauthorized(
+                "an API key or token is needed: 'Authorization: Bearer KEY_OR_TOKEN' or 'X-API-Key: KEY'"
+            )
         if self.master is not None and hmac.compare_digest(digest_of(secret), self.master):
             return Credential("api-key", ALL)
         record = self.keys.lookup(secret) if self.keys else None

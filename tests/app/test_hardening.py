@@ -30,7 +30,7 @@ def guarded():
 def test_without_the_api_key_requests_are_401(guarded, photos):
     response = guarded.post("/classify", files={"file": photos["chelsea"].read_bytes()})
     assert response.status_code == 401 and response.headers["www-authenticate"] == 'Bearer realm="cnnserve"'
-    assert "credential" in response.json()["detail"]
+    assert "API key" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}])
@@ -40,7 +40,7 @@ def test_the_api_key_opens_the_api(guarded, photos, headers):
 
 def test_under_v2_a_missing_api_key_is_an_error_body(guarded):
     response = guarded.get("/v2/models/lenet5")
-    assert response.status_code == 401 and "credential" in response.json()["error"]
+    assert response.status_code == 401 and "API key" in response.json()["error"]
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 

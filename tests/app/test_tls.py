@@ -226,3 +226,20 @@ def test_mtls_on_grpc_admits_the_ca_s_client_and_refuses_others(mtls, files):
     finally:
         good.close()
         anonymous.close()
+
+
+def test_mtls_on_http_admits_tritonclient_with_its_certificate(mtls, files):
+    import gevent.ssl
+
+    client = triton_http.InferenceServerClient(
+        mtls.https.removeprefix("https://"),
+        ssl=True,
+        ssl_options={"ca_certs": str(files.ca), "certfile": str(files.client_cert), "keyfile": str(files.client_key)},
+        ssl_context_factory=gevent.ssl.create_default_context,
+    )
+    x = triton_http.InferInput("input", [1, 1, 28, 28], "FP32")
+    x.set_data_from_numpy(tensor())
+    try:
+        assert client.infer("lenet5", [x]).as_numpy("logits").shape == (1, 10)
+    finally:
+        client.close()

@@ -324,7 +324,10 @@ class Access:
             refusal.status, "refused"
         )
         name = credential.name if credential else "-"
-        log.warning("refused %s: credential=%s client=%s reason=%s (%s)", action, name, client, reason, refusal.message)
+        level = logging.DEBUG if reason == "rate_limited" else logging.WARNING  # a flood's 429s: counted, not logged
+        log.log(
+            level, "refused %s: credential=%s client=%s reason=%s (%s)", action, name, client, reason, refusal.message
+        )
         if self.metrics is not None:
             self.metrics.access_refusals.labels(reason).inc()
 

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -38,6 +39,8 @@ from app.serving.feed import Feed, OwnerEnds
 log = logging.getLogger("cnnserve")
 
 POLL_SECONDS = 0.5
+OWNER_YOUNG_SECONDS = 30  # an inference process that dies sooner after its start died young
+OWNER_YOUNG_DEATHS = 3  # young deaths in a row that stop the deployment
 
 
 class Supervisor:
@@ -53,6 +56,8 @@ class Supervisor:
         self.target = target
         self.feed, self.owner = feed, owner
         self.owners: list[BaseProcess] = []
+        owners = feed.layout.owners if feed is not None else 0
+        self.owner_started, self.young_deaths = [0.0] * owners, [0] * owners
         self.sockets = sockets
         self.on_death = on_death
         self.context = multiprocessing.get_context("spawn")
@@ -81,6 +86,7 @@ class Supervisor:
         args = (self.feed.owner(index), generation)
         owner = self.context.Process(target=self.owner, args=args, name="cnnserve-inference")
         owner.start()
+        self.owner_started[index] = time.monotonic()
         log.info("started inference process %d for GPU %d (generation %d)", owner.pid, index, generation)
         return owner
 
@@ -108,10 +114,24 @@ class Supervisor:
         return 1 if self.failed else 0
 
     def replace_dead_owners(self) -> None:
-        """A dead inference owner is replaced under a new generation (app/serving/feed.py)."""
+        """A dead inference owner is replaced under a new generation (app/serving/feed.py); one that
+        keeps dying young (CUDA failing at start, say) stops the deployment instead, as a server
+        process that cannot start does: its server processes would wait for it forever."""
         for i, owner in enumerate(self.owners):
             if owner.is_alive() or self.stopping.is_set() or self.feed is None:
                 continue
+            young = time.monotonic() - self.owner_started[i] < OWNER_YOUNG_SECONDS
+            self.young_deaths[i] = self.young_deaths[i] + 1 if young else 0
+            if self.young_deaths[i] >= OWNER_YOUNG_DEATHS:
+                log.error(
+                    "inference process %d died %d times within %d s of its start; stopping",
+                    owner.pid,
+                    OWNER_YOUNG_DEATHS,
+                    OWNER_YOUNG_SECONDS,
+                )
+                self.failed = True
+                self.forward(signal.SIGTERM)
+                return
             log.error("inference process %d died (exit code %s); starting another", owner.pid, owner.exitcode)
             self.owners[i] = self.start_owner(i, self.feed.replaced_owner(i))
 

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from app.config import Settings
+from app.process.supervisor import OWNER_YOUNG_DEATHS, Supervisor
 from app.serving.errors import DeadlineExceeded
 from app.serving.feed import SUBMITTED, TAKEN, Feed, FeedClient, FeedRefused, OwnerLost, encode_key
 from app.serving.loader import read_spec
@@ -210,6 +211,22 @@ def test_a_replacement_server_process_starts_with_every_slot_of_its_lane_free(fe
     wait_for_state(dead, SUBMITTED)
     replacement = FeedClient(feed.lane(0))
     assert (replacement.headers["state"] == SUBMITTED).sum() == 0
+
+
+def crash_at_start(ends, generation) -> None:
+    """An inference process that dies as it starts (CUDA failing to initialise, say)."""
+    os._exit(7)
+
+
+def test_an_inference_process_that_keeps_dying_young_stops_the_deployment(feed):
+    """Rather than restarting it forever while the server processes wait for it."""
+    supervisor = Supervisor(lambda *args: None, [], feed=feed, owner=crash_at_start)
+    supervisor.owners = [supervisor.start_owner(0)]
+    for _ in range(OWNER_YOUNG_DEATHS):
+        assert not supervisor.failed
+        supervisor.owners[0].join(timeout=WAIT_S)
+        supervisor.replace_dead_owners()
+    assert supervisor.failed and supervisor.stopping.is_set()
 
 
 # -- a real deployment ------------------------------------------------------------------------

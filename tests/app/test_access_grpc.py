@@ -15,6 +15,7 @@ from ..conftest import MODELS, free_port, live_server
 from .access_helpers import SCOPES, entry, new_key
 
 KEYS = {scope: new_key(scope) for scope in SCOPES}
+LIMITED = new_key("limited")
 REQUESTS = {
     "ServerLive": service_pb2.ServerLiveRequest(),
     "ServerReady": service_pb2.ServerReadyRequest(),
@@ -34,7 +35,10 @@ def stub(tmp_path_factory):
     folder = tmp_path_factory.mktemp("grpc-access")
     shutil.copytree(MODELS / "lenet5", folder / "models" / "lenet5")
     keys = folder / "keys.toml"
-    keys.write_text("".join(entry(f"only-{scope}", key, [scope]) for scope, key in KEYS.items()))
+    keys.write_text(
+        "".join(entry(f"only-{scope}", key, [scope]) for scope, key in KEYS.items())
+        + entry("limited", LIMITED, ["read"], rate=0.1, burst=1)
+    )
     port = free_port()
     with (
         live_server(
@@ -89,3 +93,13 @@ def test_a_bearer_credential_in_authorization_metadata_works(stub):
 def test_two_credentials_in_the_metadata_are_refused(stub):
     metadata = (("x-api-key", KEYS["read"]), ("authorization", f"Bearer {KEYS['admin']}"))
     assert call(stub, "RepositoryIndex", metadata) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_call_over_its_rate_limit_is_resource_exhausted_with_when_to_retry(stub):
+    metadata = (("x-api-key", LIMITED),)
+    stub.ModelMetadata(REQUESTS["ModelMetadata"], metadata=metadata, timeout=30)  # the burst of one
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelMetadata(REQUESTS["ModelMetadata"], metadata=metadata, timeout=30)
+    trailing = dict(refused.value.trailing_metadata())
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert int(trailing["retry-after"]) >= 1 and trailing["ratelimit-policy"] == '"cnnserve";q=1;w=10'

@@ -102,8 +102,14 @@ def model_deployment(settings: Settings, name: str, replica: type[ModelReplica] 
 def application(settings: Settings, replica: type[ModelReplica] = ModelReplica) -> Application:
     """The application for ``serve.run``: every model's deployment (``replica`` its class; bench/ray.py
     measures another), and the ingress bound to them.
-    The repository's path is made absolute: Ray's workers do not start in this directory."""
-    settings = settings.model_copy(update={"models_dir": settings.models_dir.resolve()})
+    The repository's path, and those of the keys and JWKS files, are made absolute: Ray's workers
+    do not start in this directory (each must be at that path on the ingress's node)."""
+    files = {
+        "models_dir": settings.models_dir,
+        "keys_file": settings.keys_file,
+        "jwt_jwks_file": settings.jwt_jwks_file,
+    }
+    settings = settings.model_copy(update={name: path.resolve() for name, path in files.items() if path is not None})
     models = {name: model_deployment(settings, name, replica) for name in model_names(settings)}
     ingress = serve.deployment(
         name=INGRESS_NAME,

@@ -96,7 +96,7 @@ bench-grpc: $(VENV)/.dev dataset tools  ## gRPC against HTTP binary V2 (one 224x
 image: container-tools  ## build the cpu image as cnnserve:cpu with docker or podman (deploy/image.sh; a stand-in base where no registry answers)
 	bash deploy/image.sh build cpu
 
-test-image: $(VENV)/.dev tools  ## build the cpu image, run it as production would, stop it, look inside, compose up and down (about 3 min)
+test-image: $(VENV)/.dev container-tools  ## build the cpu image, run it as production would, stop it, look inside, compose up and down (about 3 min)
 	$(BIN)/python -m pytest -q tests/test_image.py
 
 image-arm64: $(VENV)/.dev container-tools  ## the cpu image for linux/arm64 under qemu-user-static, built, run once and sent a photo (slow; not in make test)

@@ -19,7 +19,7 @@ CHECKOV := $(CHECKOV_VENV)/.checkov-$(CHECKOV_VERSION)
 .PHONY: help serve test lint format install install-dev dataset tools models train export schema grpc bench bench-gpu bench-grpc bench-ray soak overload cycles clean image test-image image-arm64 lock container-tools
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +61,7 @@ container-tools:
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap; }
 
-test: $(VENV)/.dev $(CHECKOV) dataset tools  ## run the test suite: the service's tests with torch blocked, then training, deployment and a two-node Ray cluster
+test: $(VENV)/.dev $(CHECKOV) dataset tools  ## run the test suite: the service's tests with torch blocked, then training, deployment (the cpu image built and run too) and a two-node Ray cluster
 	$(BIN)/python -m pytest -q -p tests.torchless tests/app
 	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py tests/test_k8s.py tests/test_ray.py tests/test_image.py
 

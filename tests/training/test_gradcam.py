@@ -3,6 +3,7 @@ PyTorch autograd's Grad-CAM on the same network, at several layers of every serv
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,14 @@ from training.photos import preprocess
 
 from ..conftest import MODELS
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5
 
 
 def torch_gradcam(model: torch.nn.Module, module: torch.nn.Module, x: np.ndarray, class_index: int) -> np.ndarray:
-    """pytorch-grad-cam's recipe: hook the module's output, backpropagate the class's logit."""
+    """pytorch-grad-cam's recipe: hook the module's output, backpropagate the class's logit. In
+    the model's own precision: the reference runs in float64, because PyTorch's float32 CPU
+    convolutions are themselves off by up to 5e-6 (torch 2.14, GoogLeNet's inception3a pool, where
+    the map's terms cancel to a peak of 2e-3), more than ours, which is within 1e-9 of float64."""
     kept: dict[str, torch.Tensor] = {}
 
     def hook(_: torch.nn.Module, __: object, output: torch.Tensor) -> None:
@@ -32,7 +36,7 @@ def torch_gradcam(model: torch.nn.Module, module: torch.nn.Module, x: np.ndarray
 
     handle = module.register_forward_hook(hook)
     try:
-        logits = model(torch.from_numpy(x))
+        logits = model(torch.from_numpy(x).to(next(model.parameters()).dtype))
         logits[0, class_index].backward()
     finally:
         handle.remove()
@@ -119,12 +123,13 @@ def assert_same_gradcam(model, path, images, layers) -> None:
     (logits,) = session.run(images, [explainer.output])
     with torch.no_grad():
         assert np.abs(model(torch.from_numpy(images)).numpy() - logits).max() < 1e-3
+    reference = copy.deepcopy(model).double()
     for name, module in layers.items():
         for row in range(len(images)):
             x = images[row : row + 1]
             c = int(logits[row].argmax()) if row % 2 == 0 else int(logits[row].argsort()[-2])
             ours = onnx_gradcam(explainer, session, name, x, c)
-            theirs = torch_gradcam(model, model.get_submodule(module), x, c)
+            theirs = torch_gradcam(reference, reference.get_submodule(module), x, c)
             assert ours.shape == theirs.shape
             assert theirs.max() > 0 or row > 0, name  # not a vacuous comparison
             assert np.abs(rectified(ours) - rectified(theirs)).max() < TOLERANCE, (name, row)
@@ -143,8 +148,8 @@ def assert_same_gradcam(model, path, images, layers) -> None:
     ],
 )
 def test_gradcam_matches_pytorch_autograd(arch, layers):
-    """The served Fashion-MNIST networks: the map equals autograd's within 1e-4 of its peak (the
-    peak of the map before the ReLU, the scale its values live on)."""
+    """The served Fashion-MNIST networks: the map equals autograd's (in float64) within 1e-5 of its
+    peak (the peak of the map before the ReLU, the scale its values live on)."""
     model, path = fashion_model(arch)
     assert_same_gradcam(model, path, fashion_images(4), layers)
 

@@ -18,7 +18,7 @@ from ..conftest import MODELS, png_bytes
 
 @pytest.fixture(scope="module")
 def core() -> Iterator[Services]:
-    services = wiring.build(Settings(models_dir=MODELS, default_model="lenet5", max_queue=4))
+    services = wiring.build(Settings(models_dir=MODELS, default_model="lenet5", max_queue=4, inference_workers=1))
     services.repository.load_all()
     yield services
     asyncio.run(services.repository.close())

@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const MAX_CHANNELS_SHOWN = 16;
+const REFRESH_MS = 5000; // how soon a model loaded or unloaded elsewhere shows here
 const state = { photo: null, models: {}, layers: [], layersReady: Promise.resolve(), urls: {} };
 
 function headers() {
@@ -58,6 +59,23 @@ async function loadModels() {
   $("model-list").replaceChildren(...listing.models.map(modelItem));
   await chooseModel();
   say("Choose a photo to begin.");
+}
+
+// A model imported or loaded while the page is open (cnnserve import, the repository API) appears
+// within REFRESH_MS without a reload, and an unloaded one goes; the chosen model stays chosen while
+// it serves. Only while the page is seen: a tab in the background asks nothing.
+async function refreshModels() {
+  if (document.visibilityState !== "visible") return;
+  const listing = await (await call("/models")).json();
+  const ready = listing.models.filter((m) => m.status === "ready");
+  $("model-list").replaceChildren(...listing.models.map(modelItem));
+  state.models = Object.fromEntries(ready.map((m) => [m.name, m]));
+  const select = $("model");
+  if (ready.map((m) => m.name).join("\n") === [...select.options].map((o) => o.value).join("\n")) return;
+  const chosen = select.value;
+  select.replaceChildren(...ready.map((m) => new Option(m.name, m.name, m.default, m.default)));
+  if (state.models[chosen]) select.value = chosen;
+  else if (ready.length) await chooseModel();
 }
 
 // One line per model: each version and whether it serves; a refused one (or a refused new copy of
@@ -197,6 +215,9 @@ function wire() {
   $("api-key").addEventListener("change", () => loadModels().catch((error) => say(error.message, true)));
   takeTokenFromFragment();
   loadModels().catch((error) => say(`Could not list the models: ${error.message}`, true));
+  const refresh = () => refreshModels().catch(() => {}); // a refused or failed listing keeps what is shown
+  setInterval(refresh, REFRESH_MS);
+  document.addEventListener("visibilitychange", refresh);
 }
 
 wire();

@@ -1,9 +1,11 @@
 """The web page at /, in a real browser: Debian's Chromium driven by Playwright against a real
 server. A person uploads a photo, sees the bars, steps through the layers."""
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
+from ..conftest import live_server
 from .conftest import CHROMIUM, SCREENSHOTS, shown
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test does it)")
@@ -72,3 +74,29 @@ def test_a_photo_chosen_with_a_new_model_waits_for_that_models_layers(page, phot
     expect(page.locator("#layer option").first).to_contain_text("stem.conv1", timeout=30_000)
     shown(page, "#featuremap")
     assert not [text for text in page.evaluate("window.said") if "404" in text]
+
+
+def test_a_model_loaded_or_unloaded_while_the_page_is_open_shows_without_a_reload(browser, repo_copy):
+    """As `cnnserve import --url` does: a model loaded through the repository API appears in the
+    open page's list, and goes again when unloaded, while the chosen model stays chosen."""
+    env = {
+        "CNNSERVE_MODELS_DIR": str(repo_copy),
+        "CNNSERVE_DEFAULT_MODEL": "lenet5",
+        "CNNSERVE_MODEL_CONTROL": "explicit",
+        "CNNSERVE_LOAD_MODELS": "lenet5",
+        "CNNSERVE_PROCESSES": "1",
+    }
+    with live_server(**env) as (url, _):
+        page = browser.new_page()
+        try:
+            page.goto(url)
+            options = page.locator("#model option")
+            expect(options).to_have_text(["lenet5"], timeout=30_000)
+            assert httpx.post(f"{url}/v2/repository/models/kernels/load", timeout=60).status_code == 200
+            expect(options).to_have_text(["kernels", "lenet5"], timeout=15_000)
+            expect(page.locator("#model-list")).to_contain_text("kernels: version 1 ready")
+            expect(page.locator("#model")).to_have_value("lenet5")
+            assert httpx.post(f"{url}/v2/repository/models/kernels/unload", timeout=60).status_code == 200
+            expect(options).to_have_text(["lenet5"], timeout=15_000)
+        finally:
+            page.close()

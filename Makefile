@@ -63,7 +63,7 @@ container-tools:
 
 test: $(VENV)/.dev $(CHECKOV) dataset tools  ## run the test suite: the service's tests with torch blocked, then training, deployment (the cpu image built and run too) and a two-node Ray cluster
 	$(BIN)/python -m pytest -q -p tests.torchless tests/app
-	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py tests/test_k8s.py tests/test_ray.py tests/test_image.py
+	$(BIN)/python -m pytest -q tests/training tests/test_deploy.py tests/test_k8s.py tests/test_ray.py tests/test_ray_access.py tests/test_image.py
 
 lint: $(VENV)/.dev  ## ruff check and format check, hadolint on the Dockerfile
 	$(BIN)/ruff check .

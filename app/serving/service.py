@@ -272,18 +272,11 @@ class Service:
             layers=[self._layer_info(layer, session, explainer, spec) for layer in session.analysis.layers],
             methods=[m for m in saliency.METHODS if m == "occlusion" or default is not None],
             explain_layer=default.name if default else None,
-            explain_layers=self._explain_layers(session, explainer),
+            explain_layers=saliency.default_layers(
+                session.analysis, session, explainer, self.settings.max_explain_passes
+            ),
             max_passes=self.settings.max_explain_passes,
         )
-
-    def _explain_layers(self, session: FeatureMapSession, explainer: saliency.Explainer) -> dict[str, str]:
-        """The layer each method explains when none is named (within the pass limit)."""
-        limit = self.settings.max_explain_passes
-        found = {
-            m: saliency.default_layer_for(m, session.analysis, session, explainer, limit)
-            for m in saliency.LAYER_METHODS
-        }
-        return {method: layer.name for method, layer in found.items() if layer is not None}
 
     def _layer_info(
         self, layer: Layer, session: FeatureMapSession, explainer: saliency.Explainer, spec: InputSpec

@@ -24,10 +24,10 @@ TOLERANCE = 1e-5
 
 
 def torch_gradcam(model: torch.nn.Module, module: torch.nn.Module, x: np.ndarray, class_index: int) -> np.ndarray:
-    """pytorch-grad-cam's recipe: hook the module's output, backpropagate the class's logit. In
-    the model's own precision: the reference runs in float64, because PyTorch's float32 CPU
-    convolutions are themselves off by up to 5e-6 (torch 2.14, GoogLeNet's inception3a pool, where
-    the map's terms cancel to a peak of 2e-3), more than ours, which is within 1e-9 of float64."""
+    """pytorch-grad-cam's recipe: hook the module's output, backpropagate the class's logit, in
+    the model's own precision. The tests pass a float64 copy: PyTorch's float32 CPU convolutions
+    are themselves off by up to 5e-6 (torch 2.14, GoogLeNet's inception3a pool, where the map's
+    terms cancel to a peak of 2e-3), more than ours, which is within 1e-9 of float64."""
     kept: dict[str, torch.Tensor] = {}
 
     def hook(_: torch.nn.Module, __: object, output: torch.Tensor) -> None:

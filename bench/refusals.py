@@ -27,17 +27,35 @@ from tests.conftest import free_port, wait_ready
 PROBE = """
 import http.client, json, sys, time
 port, seconds = int(sys.argv[1]), float(sys.argv[2])
-latencies, stop = [], time.monotonic() + seconds
+answers, stop = [], time.monotonic() + seconds
 while time.monotonic() < stop:
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("GET", "/healthz")
-    connection.getresponse().read()
-    connection.close()
-    latencies.append(time.perf_counter() - started)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        response.read()
+        status = response.status
+    except OSError as error:
+        status = type(error).__name__
+    finally:
+        connection.close()
+    answers.append((status, time.perf_counter() - started))
     time.sleep(0.05)
-print(json.dumps(latencies))
+print(json.dumps(answers))
 """
+
+
+def start_probe(port: int, seconds: float) -> subprocess.Popen[str]:
+    """/healthz every 50 ms for ``seconds``, each on a fresh connection, from a process of its own, as
+    a kubelet probes: a probe among the load generator's threads waits for their interpreter lock,
+    and measures the client as much as the server (README "Access control")."""
+    return subprocess.Popen([sys.executable, "-c", PROBE, str(port), str(seconds)], stdout=subprocess.PIPE, text=True)
+
+
+def probe_answers(probe: subprocess.Popen[str]) -> list[tuple[int | str, float]]:
+    """What the probe saw: (status, seconds) for each /healthz it asked."""
+    return [(status, seconds) for status, seconds in json.loads(probe.communicate()[0])]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -85,9 +103,7 @@ def main() -> None:
     body, statuses = os.urandom(args.bytes), Counter[int | str]()
     try:
         wait_ready(f"http://127.0.0.1:{port}", server)
-        probe = subprocess.Popen(
-            [sys.executable, "-c", PROBE, str(port), str(args.seconds)], stdout=subprocess.PIPE, text=True
-        )
+        probe = start_probe(port, args.seconds)
         stop_at, before = time.monotonic() + args.seconds, cpu_seconds(server.pid)
 
         def client() -> None:
@@ -100,7 +116,7 @@ def main() -> None:
         for thread in threads:
             thread.join()
         used = cpu_seconds(server.pid) - before
-        latencies = json.loads(probe.communicate()[0])
+        latencies = [seconds for _, seconds in probe_answers(probe)]
     finally:
         server.terminate()
         server.wait(60)

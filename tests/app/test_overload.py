@@ -3,19 +3,24 @@ measured at length by ``python -m bench.stress overload --path /featuremaps``.""
 
 import http.client
 import io
+import os
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from bench.refusals import probe_answers, start_probe
 
 from ..conftest import live_server
 
 CLIENTS = 64
+CLIENT_NICE = 19  # the clients stand for machines of their own: the CPU they leave is the server's
 SECONDS = 8.0
-MAX_GROWTH_MB = 300
+MAX_GROWTH_MB = 200  # measured 60-85; lingering connections that kept their buffered bodies: 300-410
 
 
 def rss_mb(pid: int) -> float:
@@ -26,14 +31,18 @@ def rss_mb(pid: int) -> float:
     return own + sum(rss_mb(int(child)) for child in children)
 
 
-def post(port: int, path: str, body: bytes) -> tuple[int, float]:
-    """Status and Retry-After of one request on a fresh connection."""
+def post(port: int, path: str, body: bytes) -> tuple[int | str, float]:
+    """Status and Retry-After of one request on a fresh connection; "reset" when the server closed
+    it while the body was still going out (a refused body that outlasts the server's lingering
+    close, app/process/connection.py)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         connection.request("POST", path, body=body, headers={"content-type": "image/jpeg"})
         response = connection.getresponse()
         response.read()
         return response.status, float(response.getheader("retry-after") or 0)
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset", 0.0
     finally:
         connection.close()
 
@@ -46,25 +55,32 @@ def twelve_megapixels(photos) -> bytes:
 
 
 @pytest.mark.slow
-def test_a_flood_of_big_photos_at_feature_maps_gets_429s_and_bounded_memory(twelve_megapixels):
-    """64 clients sending 12-megapixel JPEGs to /featuremaps: some are refused at once with 429
-    and Retry-After (which the clients honour), none fails with a 5xx, the service stays live,
-    and its memory stays bounded (the first version computed every abandoned answer and grew by
-    over a gigabyte)."""
+@pytest.mark.parametrize("honour_retry_after", [True, False], ids=["honouring Retry-After", "sending again at once"])
+def test_a_flood_of_big_photos_at_feature_maps_gets_429s_and_bounded_memory(
+    twelve_megapixels, honour_retry_after, record_property
+):
+    """64 clients sending 12-megapixel JPEGs to /featuremaps, waiting as a 429's Retry-After says or
+    (as hostile ones do) sending again at once: some are refused at once with 429 and Retry-After,
+    none fails with a 5xx, /healthz asked from a process of its own (as a kubelet asks) answers
+    200 throughout, and memory stays bounded (the first version computed every abandoned answer
+    and grew by over a gigabyte). The probe's p50 and p99 are recorded, not asserted (timings
+    are the benchmark's: ``python -m bench.stress overload``); ``pytest -rP`` prints them."""
     with live_server() as (url, process):
         port = int(url.rsplit(":", 1)[1])
         for _ in range(4):  # build the feature-map sessions in each server process first
             assert post(port, "/featuremaps", twelve_megapixels)[0] == 200
         warm = rss_mb(process.pid)
-        statuses: Counter[int] = Counter()
-        peak, live = [warm], []
+        statuses: Counter[int | str] = Counter()
+        peak = [warm]
+        probe = start_probe(port, SECONDS)
         stop_at = time.monotonic() + SECONDS
 
         def client() -> None:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CLIENT_NICE)
             while time.monotonic() < stop_at:
                 status, retry_after = post(port, "/featuremaps", twelve_megapixels)
                 statuses[status] += 1
-                if status == 429:
+                if status == 429 and honour_retry_after:
                     time.sleep(min(retry_after, max(0.0, stop_at - time.monotonic())))
 
         threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
@@ -72,14 +88,15 @@ def test_a_flood_of_big_photos_at_feature_maps_gets_429s_and_bounded_memory(twel
             thread.start()
         while any(thread.is_alive() for thread in threads):
             peak.append(rss_mb(process.pid))
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            connection.request("GET", "/healthz")
-            live.append(connection.getresponse().status)
-            connection.close()
             time.sleep(0.25)
         for thread in threads:
             thread.join()
+        health = probe_answers(probe)
+    p50, p99 = np.percentile([seconds * 1000 for _, seconds in health], [50, 99])
+    record_property("healthz_p50_ms", round(p50, 1))
+    record_property("healthz_p99_ms", round(p99, 1))
+    print(f"{dict(statuses)}; /healthz p50 {p50:.1f} ms, p99 {p99:.1f} ms; memory {max(peak) - warm:+.0f} MB")
     assert statuses[429] > 0 and statuses[200] > 0, statuses
-    assert not [status for status in statuses if status >= 500], statuses
-    assert set(live) == {200}
+    assert not [status for status in statuses if isinstance(status, int) and status >= 500], statuses
+    assert len(health) > SECONDS / 0.25 and {status for status, _ in health} == {200}, Counter(s for s, _ in health)
     assert max(peak) - warm < MAX_GROWTH_MB, f"grew from {warm:.0f} MB to {max(peak):.0f} MB"

@@ -376,7 +376,8 @@ def feed_regions(pid: int) -> int:
 def test_nothing_is_left_in_dev_shm_after_a_stop_or_a_crash(tmp_path):
     before = shm_entries()
     log = tmp_path / "server.log"
-    with log.open("w") as output, live_server(output=output, **FEED_ENV) as (_, server):
+    crashing = {"TMPDIR": str(tmp_path), **FEED_ENV}  # the killed supervisor's scratch folder stays there
+    with log.open("w") as output, live_server(output=output, **crashing) as (_, server):
         children = started(log, "server") + started(log, "inference")
         assert all(feed_regions(pid) for pid in children), "every process maps the one region"
         assert shm_entries() == before, "the region is no file in /dev/shm"
@@ -390,7 +391,8 @@ def test_nothing_is_left_in_dev_shm_after_a_stop_or_a_crash(tmp_path):
 def test_the_inference_process_stops_when_its_supervisor_is_killed(tmp_path):
     """An orphan would hold the GPU's memory until someone found it."""
     log = tmp_path / "server.log"
-    with log.open("w") as output, live_server(output=output, **FEED_ENV) as (_, server):
+    crashing = {"TMPDIR": str(tmp_path), **FEED_ENV}  # the killed supervisor's scratch folder stays there
+    with log.open("w") as output, live_server(output=output, **crashing) as (_, server):
         servers, owner = started(log, "server"), started(log, "inference")[0]
         server.kill()
         server.wait(timeout=WAIT_S)

@@ -272,9 +272,7 @@ class Service:
             layers=[self._layer_info(layer, session, explainer, spec) for layer in session.analysis.layers],
             methods=[m for m in saliency.METHODS if m == "occlusion" or default is not None],
             explain_layer=default.name if default else None,
-            explain_layers=saliency.default_layers(
-                session.analysis, session, explainer, self.settings.max_explain_passes
-            ),
+            explain_layers=saliency.default_layers(session, explainer, self.settings.max_explain_passes),
             max_passes=self.settings.max_explain_passes,
         )
 

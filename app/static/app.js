@@ -48,15 +48,19 @@ function showImage(img, key, blob) {
   img.src = state.urls[key];
 }
 
-async function loadModels() {
-  const listing = await (await call("/models")).json();
-  const select = $("model");
-  select.replaceChildren();
-  for (const model of listing.models.filter((m) => m.status === "ready")) {
-    state.models[model.name] = model;
-    select.add(new Option(model.name, model.name, model.default, model.default));
-  }
+// The listing in the model list, its ready models in state.models; returns those.
+function showModels(listing) {
+  const ready = listing.models.filter((m) => m.status === "ready");
   $("model-list").replaceChildren(...listing.models.map(modelItem));
+  state.models = Object.fromEntries(ready.map((m) => [m.name, m]));
+  return ready;
+}
+
+const modelOptions = (ready) => ready.map((m) => new Option(m.name, m.name, m.default, m.default));
+
+async function loadModels() {
+  const ready = showModels(await (await call("/models")).json());
+  $("model").replaceChildren(...modelOptions(ready));
   await chooseModel();
   say("Choose a photo to begin.");
 }
@@ -66,14 +70,11 @@ async function loadModels() {
 // it serves. Only while the page is seen: a tab in the background asks nothing.
 async function refreshModels() {
   if (document.visibilityState !== "visible") return;
-  const listing = await (await call("/models")).json();
-  const ready = listing.models.filter((m) => m.status === "ready");
-  $("model-list").replaceChildren(...listing.models.map(modelItem));
-  state.models = Object.fromEntries(ready.map((m) => [m.name, m]));
+  const ready = showModels(await (await call("/models")).json());
   const select = $("model");
   if (ready.map((m) => m.name).join("\n") === [...select.options].map((o) => o.value).join("\n")) return;
   const chosen = select.value;
-  select.replaceChildren(...ready.map((m) => new Option(m.name, m.name, m.default, m.default)));
+  select.replaceChildren(...modelOptions(ready));
   if (state.models[chosen]) select.value = chosen;
   else if (ready.length) await chooseModel();
 }

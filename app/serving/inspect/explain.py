@@ -165,10 +165,10 @@ def default_layer_for(
     return first
 
 
-def default_layers(analysis: Analysis, session: FeatureMapSession, explainer: Explainer, limit: int) -> dict[str, str]:
+def default_layers(session: FeatureMapSession, explainer: Explainer, limit: int) -> dict[str, str]:
     """The layer each method of LAYER_METHODS explains when none is named, by name (what
     /models/{name}/layers lists as ``explain_layers``)."""
-    found = {m: default_layer_for(m, analysis, session, explainer, limit) for m in LAYER_METHODS}
+    found = {m: default_layer_for(m, session.analysis, session, explainer, limit) for m in LAYER_METHODS}
     return {method: layer.name for method, layer in found.items() if layer is not None}
 
 

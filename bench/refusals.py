@@ -45,6 +45,13 @@ while time.monotonic() < stop:
 print(json.dumps(answers))
 """
 
+WARMING_CONNECTIONS = 16
+"""Fresh connections that warm a server's processes before a measurement (a feature map's first
+request in a process builds its session: some 140 MB). The kernel hands each fresh connection to
+a process by a hash of its address (SO_REUSEPORT), so a few can all land on one: four left one of
+two processes cold 1 time in 8, and it built its session mid-flood (memory +200 MB instead of
++70). Sixteen leave one cold 1 time in 30,000."""
+
 
 def start_probe(port: int, seconds: float) -> subprocess.Popen[str]:
     """/healthz every 50 ms for ``seconds``, each on a fresh connection, from a process of its own, as

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.refusals import probe_answers, start_probe
+from bench.refusals import WARMING_CONNECTIONS, probe_answers, start_probe
 from bench.run import make_inputs, rss_mb, start_service, stop
 
 WARM_CYCLES = 5  # unload/load cycles before the memory that later ones must not grow is taken
@@ -155,7 +155,7 @@ def overload(args: argparse.Namespace, inputs: Path) -> dict:
     port, server = start_service({})
     results: list[tuple[int | str, float]] = []
     ready_rss = rss_mb(server.pid)
-    for _ in range(8):  # each server process gets one, on fresh connections
+    for _ in range(WARMING_CONNECTIONS):
         Connection(port).send(big)
     warm_rss = rss_mb(server.pid)
     memory = [warm_rss]

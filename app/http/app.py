@@ -20,6 +20,7 @@ from app import tracing
 from app.config import Settings
 from app.http import errors
 from app.http.middleware.access import AccessControl
+from app.http.middleware.capacity import CapacityFirst
 from app.http.middleware.metrics import RequestMetrics
 from app.http.middleware.rebalance import Rebalance
 from app.http.middleware.request_body import RequestBody
@@ -194,6 +195,8 @@ def create_app(
     if services.control.managed:  # off (CNNSERVE_MODEL_CONTROL=none), its paths are unknown: 404
         app.include_router(repository_api.router)
     app.mount("/static", page.static_files(), name="static")
+    served_routes = [route for router in routers for route in router.router.routes]
+    app.add_middleware(CapacityFirst, service=services.service, routes=served_routes)  # innermost
     access = services.access or Access(settings, services.metrics)
     if access.enabled or access.default_limit is not None:
         app.add_middleware(AccessControl, access=access)

@@ -3,17 +3,27 @@ when the service has admitted the request, and the signal that its client has go
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
+from starlette.types import Scope
 
 from app.http.multipart import read_part
 from app.serving.errors import ClientGone, InvalidParameter, UnsupportedMediaType
 from app.serving.preprocess import FORMATS, MEDIA_TYPES
 
 OCTET_STREAM = "application/octet-stream"
+
+
+def query_value(scope: Scope, key: str) -> str | None:
+    """The last ``key=`` value of the query string, as FastAPI reads a parameter, not percent-decoded
+    (a served model's name and a version need no encoding): for middleware, which runs before a
+    route's parameters are parsed."""
+    found = re.findall(rb"(?:^|&)" + key.encode() + rb"=([^&]*)", scope.get("query_string", b""))
+    return found[-1].decode("latin-1") if found else None
 
 
 def _media_type(content_type: str | None) -> str:

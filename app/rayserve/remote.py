@@ -110,6 +110,9 @@ class RemoteService(Service):
 
     # -- requests, forwarded -----------------------------------------------------------------
 
+    def refuse_if_full(self, name: str | None, version: str | None = None, *, job: bool = False) -> None:
+        """Nothing to check here: each model's capacity is counted in its replicas, which refuse."""
+
     async def layers(self, name: str) -> LayerList:
         return await self._call(name, LayerList, lambda h: h.layers.remote())
 

@@ -112,12 +112,9 @@ class Ticket:
     def charge(self, cost: int) -> None:
         """Makes the request's share ``cost``, or raises Overloaded (leaving it as it was) if the
         model cannot hold that much more."""
-        batcher = self.batcher
         extra = cost - self.cost
-        if batcher.admitted + extra > batcher.capacity:
-            batcher.metrics.rejected.labels(batcher.name).inc()
-            raise Overloaded(batcher.name, batcher.retry_after())
-        batcher.admitted += extra
+        self.batcher.check_room(extra)
+        self.batcher.admitted += extra
         self.cost = cost
 
 
@@ -201,6 +198,13 @@ class Batcher:
         finally:
             self.admitted -= ticket.cost
             self.activity.leave()
+
+    def check_room(self, cost: int) -> None:
+        """Raises Overloaded, and counts the refusal, unless ``cost`` more images fit in the
+        capacity; admits nothing (``admission`` does)."""
+        if self.admitted + cost > self.capacity:
+            self.metrics.rejected.labels(self.name).inc()
+            raise Overloaded(self.name, self.retry_after())
 
     def retry_after(self) -> int:
         backlog = self.inbox.qsize() / (self.max_batch * self.workers)

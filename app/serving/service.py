@@ -29,7 +29,7 @@ from app import tracing
 from app.config import Settings
 from app.serving import postprocess, preprocess
 from app.serving.disconnect import Gone, unless_gone
-from app.serving.errors import BadRequest, InvalidParameter, NotFound, RequestTimeout
+from app.serving.errors import BadRequest, InvalidParameter, NotFound, RequestTimeout, ServingError
 from app.serving.inspect import exemplars, explain_run, kernels, layers, render
 from app.serving.inspect import explain as saliency
 from app.serving.inspect.featuremaps import FeatureMapSession
@@ -287,6 +287,19 @@ class Service:
         return info
 
     # -- inference -------------------------------------------------------------------------
+
+    def refuse_if_full(self, name: str | None, version: str | None = None, *, job: bool = False) -> None:
+        """Raises Overloaded now if model ``name`` could not admit one more request (a job, as
+        feature maps, CAM and explanations are, that costs a batch's turn: ``job``). A protocol
+        adapter asks this before it parses a request, so that a flood of uploads to a full model
+        is refused for next to nothing (app/http/middleware/capacity.py); the operation's own
+        admission still decides, and whatever else is wrong with the request (an unknown model, a
+        bad parameter) is the operation's to say."""
+        try:
+            model = self.repository.get(name, version)
+        except ServingError:
+            return
+        model.batcher.check_room(model.plan.job_cost if job else 1)
 
     async def classify(
         self, name: str | None, image: Image, top_k: int, *, version: str | None = None, gone: Gone | None = None

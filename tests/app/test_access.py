@@ -139,6 +139,15 @@ def test_a_token_carries_its_scopes(guarded, photos):
     assert guarded.get("/metrics", headers=both).status_code == 403
 
 
+def test_a_full_model_tells_a_stranger_401_and_a_key_without_the_scope_403_not_its_load(guarded, photos):
+    batcher = guarded.app.state.services.repository.get("lenet5").batcher
+    image = {"files": {"file": photos["chelsea"].read_bytes()}}
+    with batcher.admission(cost=batcher.capacity):
+        assert guarded.post("/classify", **image).status_code == 401
+        assert guarded.post("/classify", **image, headers={"X-API-Key": KEYS["read"]}).status_code == 403
+        assert guarded.post("/classify", **image, headers={"X-API-Key": KEYS["infer"]}).status_code == 429
+
+
 def test_an_unknown_key_is_401_with_an_invalid_token_challenge(guarded):
     response = guarded.get("/models", headers={"X-API-Key": KEYS["read"] + "x"})
     assert response.status_code == 401

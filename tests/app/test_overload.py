@@ -1,6 +1,8 @@
-"""A flood of big photos at the heaviest endpoint, against a real server: bounded in time here,
-measured at length by ``python -m bench.stress overload --path /featuremaps``."""
+"""A model at capacity refuses with 429 before a request is parsed or its body read, and a flood of
+big photos at the heaviest endpoint, against a real server: bounded in time here, measured at
+length by ``python -m bench.stress overload --path /featuremaps``."""
 
+import contextlib
 import http.client
 import io
 import os
@@ -12,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from bench.refusals import probe_answers, start_probe
+from app.process.connection import LINGER_EXTENSION
+from bench.refusals import WARMING_CONNECTIONS, probe_answers, start_probe
 
 from ..conftest import live_server
+from .test_hardening import asgi_post
 
 CLIENTS = 64
 CLIENT_NICE = 19  # the clients stand for machines of their own: the CPU they leave is the server's
@@ -47,6 +52,87 @@ def post(port: int, path: str, body: bytes) -> tuple[int | str, float]:
         connection.close()
 
 
+@contextlib.contextmanager
+def full(client, name: str = "lenet5"):
+    """The model holds all its capacity admits, as under a flood."""
+    batcher = client.app.state.services.repository.get(name).batcher
+    with batcher.admission(cost=batcher.capacity):
+        yield
+
+
+def counted(client, family: str, **labels: str) -> float:
+    text = client.get("/metrics").text
+    samples = next(f for f in text_string_to_metric_families(text) if f.name == family).samples
+    return sum(s.value for s in samples if s.name.endswith("_total") and labels.items() <= s.labels.items())
+
+
+@pytest.mark.parametrize("path", ["/classify", "/featuremaps", "/cam", "/preprocess", "/explain", "/explain/input"])
+def test_a_full_model_answers_429_on_every_upload_route_without_reading_the_body(client, path):
+    """As ``cnnserve serve`` runs the app: its connection lingers over what the client still sends
+    (app/process/connection.py), so the app never asks for the body of a request it refuses."""
+    asked = []
+
+    async def refused() -> list[dict]:
+        async def receive() -> dict:
+            asked.append(1)
+            return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            **asgi_post(path, [(b"content-length", b"12000000")]),
+            "query_string": b"model=lenet5",
+            "extensions": {LINGER_EXTENSION: {}},
+        }
+        await client.app(scope, receive, send)
+        return sent
+
+    with full(client):
+        sent = client.portal.call(refused)
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 429 and int(headers[b"retry-after"]) >= 1
+    assert headers[b"connection"] == b"close" and b"lenet5" in sent[1]["body"]
+    assert not asked
+
+
+def test_a_refusal_before_parsing_is_counted_under_its_endpoint_and_model(client, photos):
+    before = counted(client, "cnnserve_requests", endpoint="/featuremaps", model="lenet5", status="429")
+    rejected = counted(client, "cnnserve_rejected", model="lenet5")
+    with full(client):
+        response = client.post("/featuremaps?model=lenet5", files={"file": photos["chelsea"].read_bytes()})
+    assert response.status_code == 429
+    assert counted(client, "cnnserve_requests", endpoint="/featuremaps", model="lenet5", status="429") == before + 1
+    assert counted(client, "cnnserve_rejected", model="lenet5") == rejected + 1
+
+
+def test_a_full_model_answers_429_to_a_request_it_would_refuse_for_another_reason_once_it_has_room(client):
+    """Checked for room first, nothing else: a flood of malformed uploads is as cheap to refuse."""
+    wrong_type = {"content": b"not an image", "headers": {"content-type": "text/plain"}}
+    with full(client):
+        assert client.post("/classify?model=lenet5&top_k=0", **wrong_type).status_code == 429
+    assert client.post("/classify?model=lenet5&top_k=0", **wrong_type).status_code == 422
+    assert client.post("/classify?model=lenet5", **wrong_type).status_code == 415
+
+
+def test_a_full_model_leaves_the_others_and_unknown_names_to_their_own_answers(client, photos):
+    image = {"files": {"file": photos["chelsea"].read_bytes()}}
+    with full(client, "lenet5"):
+        assert client.post("/classify?model=alexnet", **image).status_code == 200
+        assert client.post("/classify?model=no_such_model", **image).status_code == 404
+        assert client.post("/classify?model=lenet5", **image).status_code == 429
+
+
+def test_the_model_a_request_names_last_is_the_one_checked(client, photos):
+    """As FastAPI reads a repeated query parameter: the last one."""
+    image = {"files": {"file": photos["chelsea"].read_bytes()}}
+    with full(client, "lenet5"):
+        assert client.post("/classify?model=lenet5&model=alexnet", **image).status_code == 200
+        assert client.post("/classify?model=alexnet&model=lenet5", **image).status_code == 429
+
+
 @pytest.fixture(scope="module")
 def twelve_megapixels(photos) -> bytes:
     buffer = io.BytesIO()
@@ -67,7 +153,7 @@ def test_a_flood_of_big_photos_at_feature_maps_gets_429s_and_bounded_memory(
     are the benchmark's: ``python -m bench.stress overload``); ``pytest -rP`` prints them."""
     with live_server() as (url, process):
         port = int(url.rsplit(":", 1)[1])
-        for _ in range(4):  # build the feature-map sessions in each server process first
+        for _ in range(WARMING_CONNECTIONS):  # build the feature-map sessions in each server process first
             assert post(port, "/featuremaps", twelve_megapixels)[0] == 200
         warm = rss_mb(process.pid)
         statuses: Counter[int | str] = Counter()

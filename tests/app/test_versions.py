@@ -256,6 +256,18 @@ def test_v2_infer_on_a_version_not_served_is_404(http):
     assert "no version '3' served" in response.json()["error"]
 
 
+def test_a_full_version_refuses_while_another_version_of_the_model_has_room(http):
+    """Capacity is each version's own, and a request is refused for the version it names."""
+    newest = http.app.state.services.repository.get("lenet5", "2").batcher
+    with newest.admission(cost=newest.capacity):
+        assert classify(http, "").status_code == 429
+        assert classify(http, "&version=2").status_code == 429
+        assert classify(http, "&version=1").status_code == 200
+        assert v2_infer(http, "lenet5").status_code == 429
+        assert v2_infer(http, "lenet5/versions/2").status_code == 429
+        assert v2_infer(http, "lenet5/versions/1").status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/v2/models/lenet5", "/v2/models/lenet5/versions/1"])
 def test_v2_metadata_lists_the_served_versions(http, path):
     assert http.get(path).json()["versions"] == ["2", "1"]

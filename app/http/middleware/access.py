@@ -29,7 +29,7 @@ from app.serving.errors import BadRequest, RateLimited, ServingError, Unauthoriz
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 OPEN_PREFIX = "/static/"
 INFER_PATHS = frozenset({"/classify", "/featuremaps", "/cam", "/preprocess", "/explain/input"})
-V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 CREDENTIAL_IN_QUERY = re.compile(rb"(?:^|&)(?:api[_-]?key|key|token|access_token|authorization)=", re.IGNORECASE)
 

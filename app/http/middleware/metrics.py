@@ -12,15 +12,13 @@ repository serves become labels, so a client cannot grow the label set.
 
 from __future__ import annotations
 
-import re
 import time
 
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.http.inputs import query_value
 from app.serving.services import Services
-
-MODEL_QUERY = re.compile(rb"(?:^|&)model=([^&]*)")  # a served name needs no percent-encoding
 
 
 def takes_model(route: BaseRoute | None, known: dict[int, bool]) -> bool:
@@ -36,8 +34,7 @@ def takes_model(route: BaseRoute | None, known: dict[int, bool]) -> bool:
 def model_label(scope: Scope, services: Services, known: dict[int, bool]) -> str:
     name = scope.get("path_params", {}).get("name")
     if name is None:
-        found = MODEL_QUERY.search(scope.get("query_string", b""))
-        name = found.group(1).decode("latin-1") if found else None
+        name = query_value(scope, "model")
         if not name and takes_model(scope.get("route"), known):
             name = services.settings.default_model
     return name if name and services.service.serves(name) else ""

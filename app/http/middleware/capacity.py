@@ -1,0 +1,93 @@
+"""A request for a model at capacity, refused before FastAPI parses it.
+
+Refused by the operation itself, a request to a full model went through FastAPI's routing, the
+parsing of its parameters and its error handling first: 250 us of the event loop a refusal,
+measured in-process, against 50 us here. A flood of uploads to a full model is mostly refusals,
+and the loop that makes them also answers the probes (README "Access control"). So for the
+routes that take an upload and cost inference, this asks the service first
+(``Service.refuse_if_full``), for the model and version the request names (the default model and
+the newest version when it names none), and answers 429 with Retry-After at once; the connection
+then lingers over the unread body, as after any early answer (app/process/connection.py).
+
+It runs inside access control, so a stranger learns nothing of the load (401 and 403 come first),
+and inside the body's limits (a declared oversized body gets its 413 first). A request refused
+here is checked no further: a full model answers 429 to a request with a bad parameter or media
+type too, and the client hears of those once the model has room. The route the request would
+have taken goes into its scope as routing puts it, so that /metrics count it under its endpoint
+and model as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.http.errors import send_error
+from app.http.inputs import query_value
+from app.http.middleware.access import V2_INFER
+from app.serving.errors import Overloaded
+from app.serving.service import Service
+
+JOBS = frozenset({"/featuremaps", "/cam", "/explain"})  # run alone, at a batch's cost
+IMAGE_PATHS = frozenset({"/classify", "/preprocess", "/explain/input", *JOBS})
+V2_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+
+@dataclass(frozen=True)
+class Operation:
+    route: APIRoute
+    job: bool
+    versioned: bool  # takes a ``version`` query parameter
+
+
+def operations(routes: Sequence[BaseRoute]) -> dict[str, Operation]:
+    """The routes this checks, by path template, from the routers' own (the objects routing puts in
+    a request's scope): which take a version is the route's to say (a version asked of a route
+    without one is ignored there, and so here)."""
+    found = {}
+    for route in routes:
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and route.path in (*IMAGE_PATHS, *V2_PATHS):
+            versioned = any(param.alias == "version" for param in route.dependant.query_params)
+            found[route.path] = Operation(route, route.path in JOBS, versioned)
+    return found
+
+
+class CapacityFirst:
+    def __init__(self, app: ASGIApp, service: Service, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.service = service
+        self.operations = operations(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            try:
+                self.refuse_if_full(scope)
+            except Overloaded as refusal:
+                await send_error(scope["path"], send, refusal)
+                return
+        await self.app(scope, receive, send)
+
+    def refuse_if_full(self, scope: Scope) -> None:
+        path: str = scope["path"]
+        params: dict[str, Any] = {}
+        if path in IMAGE_PATHS:
+            template, name = path, query_value(scope, "model") or None
+        elif v2 := V2_INFER.match(path):
+            params = {key: value for key, value in v2.groupdict().items() if value is not None}
+            template, name = V2_PATHS[1] if "version" in params else V2_PATHS[0], params["name"]
+        else:
+            return
+        operation = self.operations.get(template)
+        if operation is None:
+            return
+        version = params.get("version") or (query_value(scope, "version") if operation.versioned else None)
+        try:
+            self.service.refuse_if_full(name, version or None, job=operation.job)
+        except Overloaded:
+            scope["route"], scope["path_params"] = operation.route, params  # as routing would have
+            raise

@@ -3,6 +3,7 @@ again at once after each 401; the server's CPU (its processes', from /proc) per 
 /healthz latency seen meanwhile from a process of its own.
 
     python -m bench.refusals --clients 8 --processes 1 --bytes 3000000 --seconds 6
+    python -m bench.refusals --in-process /featuremaps   # the app's CPU per refusal for capacity
 
 Run it on a commit before and after a change, on the same machine, in turn: the figures move with
 the machine's other load.
@@ -11,6 +12,7 @@ the machine's other load.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -90,13 +92,75 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def app_cost(path: str, count: int) -> tuple[Counter[int], float]:
+    """The app's own CPU for one request to ``path`` while its model (LeNet-5) is held full, called
+    in-process as uvicorn calls it under ``cnnserve serve`` (no sockets, the body never asked for):
+    what a refusal for capacity costs the event loop above the server's protocol."""
+    from app.config import Settings
+    from app.http.app import create_app
+    from app.process.connection import LINGER_EXTENSION
+
+    app = create_app(Settings(default_model="lenet5", load_models="lenet5", model_control="explicit"))
+    statuses: Counter[int] = Counter()
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"image/jpeg"), (b"content-length", b"12000000")]
+
+    async def receive() -> dict[str, object]:
+        raise AssertionError("a refused request's body is never asked for")
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            statuses[message["status"]] += 1  # type: ignore[index]
+
+    async with app.router.lifespan_context(app):
+        while not app.state.services.repository.loaded:
+            await asyncio.sleep(0.05)
+        batcher = app.state.services.repository.get("lenet5").batcher
+        with batcher.admission(cost=batcher.capacity):
+            for _ in range(count // 10):  # warm-up, not counted
+                await app(request_scope(path, headers, LINGER_EXTENSION), receive, send)
+            statuses.clear()
+            started = time.process_time()
+            for _ in range(count):
+                await app(request_scope(path, headers, LINGER_EXTENSION), receive, send)
+            used = time.process_time() - started
+    return statuses, used / count
+
+
+def request_scope(path: str, headers: list[tuple[bytes, bytes]], linger: str) -> dict[str, object]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "extensions": {linger: {}},
+        "state": {},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--bytes", type=int, default=3_000_000)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--clients", type=int, default=8, help="clients sending at once (default 8)")
+    parser.add_argument("--processes", type=int, default=1, help="server processes (default 1)")
+    parser.add_argument("--bytes", type=int, default=3_000_000, help="size of each upload (default 3 MB)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="how long the clients send (default 6)")
+    parser.add_argument(
+        "--in-process",
+        metavar="PATH",
+        help="instead: the app's CPU per refusal for capacity at PATH (e.g. /featuremaps), in-process",
+    )
     args = parser.parse_args()
+    if args.in_process:
+        statuses, seconds = asyncio.run(app_cost(args.in_process, 5000))
+        print(f"{dict(statuses)}: {seconds * 1e6:.0f} us of CPU a refusal for capacity at {args.in_process}")
+        return
     port = free_port()
     environment = {
         **os.environ,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app.config import Settings
-from bench import gpu, report, run
+from bench import gpu, refusals, report, run
 
 from ..conftest import MODELS
 
@@ -174,3 +174,11 @@ def test_the_gpu_script_stops_when_a_model_is_not_on_the_demanded_provider():
         gpu.require_providers(cpu, "cpu")  # what it demands, it has
     finally:
         asyncio.run(cpu.repository.close())
+
+
+@pytest.mark.parametrize("path", ["/featuremaps", "/v2/models/lenet5/infer"])
+def test_the_in_process_refusal_cost_refuses_every_request_for_capacity(path):
+    """``python -m bench.refusals --in-process``: each call a 429, none asking for its body (the
+    figure in README "Access control" would otherwise be some other answer's cost)."""
+    statuses, seconds = asyncio.run(refusals.app_cost(path, 50))
+    assert statuses == {429: 50} and 0 < seconds < 0.1

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.run import ROOT
-from tests.conftest import free_port, wait_ready
+from tests.conftest import asgi_post, free_port, wait_ready
 
 PROBE = """
 import http.client, json, sys, time
@@ -102,7 +102,7 @@ async def app_cost(path: str, count: int) -> tuple[Counter[int], float]:
 
     app = create_app(Settings(default_model="lenet5", load_models="lenet5", model_control="explicit"))
     statuses: Counter[int] = Counter()
-    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"image/jpeg"), (b"content-length", b"12000000")]
+    scope = {**asgi_post(path, [(b"content-length", b"12000000")]), "extensions": {LINGER_EXTENSION: {}}}
 
     async def receive() -> dict[str, object]:
         raise AssertionError("a refused request's body is never asked for")
@@ -117,32 +117,13 @@ async def app_cost(path: str, count: int) -> tuple[Counter[int], float]:
         batcher = app.state.services.repository.get("lenet5").batcher
         with batcher.admission(cost=batcher.capacity):
             for _ in range(count // 10):  # warm-up, not counted
-                await app(request_scope(path, headers, LINGER_EXTENSION), receive, send)
+                await app(dict(scope), receive, send)
             statuses.clear()
             started = time.process_time()
             for _ in range(count):
-                await app(request_scope(path, headers, LINGER_EXTENSION), receive, send)
+                await app(dict(scope), receive, send)
             used = time.process_time() - started
     return statuses, used / count
-
-
-def request_scope(path: str, headers: list[tuple[bytes, bytes]], linger: str) -> dict[str, object]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "extensions": {linger: {}},
-        "state": {},
-    }
 
 
 def main() -> None:

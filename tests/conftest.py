@@ -137,3 +137,22 @@ def live_url() -> Iterator[str]:
     """One real server for the tests that only talk to it (tests that stop a server start their own)."""
     with live_server() as (url, _):
         yield url
+
+
+def asgi_post(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    """The scope of a POST of a PNG, for tests that drive the ASGI app by hand."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "root_path": "",
+        "state": {},
+    }

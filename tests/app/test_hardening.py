@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.http.app import create_app
 
-from ..conftest import MODELS, live_server, running_client, spec_of
+from ..conftest import MODELS, asgi_post, live_server, running_client, spec_of
 
 KEY = "s3cret-key"
 
@@ -124,25 +124,6 @@ def test_a_client_that_hangs_up_costs_no_inference(photos):
         assert sent[0]["status"] == 499
         assert ran == [1]  # only the first request ran; the abandoned one was dropped from the queue
         assert dropped(client, "client gone") == 1
-
-
-def asgi_post(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
-    """The scope of a POST of a PNG, for tests that drive the ASGI app by hand."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"content-type", b"image/png"), (b"host", b"test"), *headers],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "root_path": "",
-        "state": {},
-    }
 
 
 def external_data_model(folder, location: str) -> None:

@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.process.connection import LINGER_EXTENSION
 from bench.refusals import WARMING_CONNECTIONS, probe_answers, start_probe
 
-from ..conftest import live_server
-from .test_hardening import asgi_post
+from ..conftest import asgi_post, live_server
 
 CLIENTS = 64
 CLIENT_NICE = 19  # the clients stand for machines of their own: the CPU they leave is the server's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import urllib.request
 from pathlib import Path
@@ -209,14 +210,36 @@ def list_models(args: argparse.Namespace) -> int:
 
 def probe(args: argparse.Namespace) -> int:
     """Asks the service on this machine's loopback, at the configured port; no client library, so
-    that a health check every few seconds costs almost nothing."""
-    url = f"http://127.0.0.1:{Settings().port}{args.path}"
+    that a health check every few seconds costs almost nothing. Over HTTPS when the service serves
+    TLS, without checking the server's identity (it is this machine's own, as a kubelet's HTTPS
+    probe does not check it either); under mutual TLS it presents the server's own certificate,
+    which the service accepts when the client CA issued it for client authentication as well."""
+    settings = Settings()
+    scheme = "https" if settings.tls_cert else "http"
+    url = f"{scheme}://127.0.0.1:{settings.port}{args.path}"
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:
+        with urllib.request.urlopen(url, timeout=3, context=probe_tls(settings)) as response:
             return 0 if response.status == 200 else 1
     except OSError as error:
         print(f"{url}: {error}", file=sys.stderr)
+        if settings.tls_client_ca:
+            print(
+                "under mutual TLS the probe presents CNNSERVE_TLS_CERT: the CA of CNNSERVE_TLS_CLIENT_CA must "
+                "have issued it for client authentication too, or probe the port over TCP instead",
+                file=sys.stderr,
+            )
         return 1
+
+
+def probe_tls(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None:
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if settings.tls_client_ca is not None and settings.tls_key is not None:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -243,3 +243,30 @@ def test_mtls_on_http_admits_tritonclient_with_its_certificate(mtls, files):
         assert client.infer("lenet5", [x]).as_numpy("logits").shape == (1, 10)
     finally:
         client.close()
+
+
+def health_check(server: Server, files: Files, **env: str) -> subprocess.CompletedProcess:
+    """``cnnserve probe /readyz`` as a container's health check runs it, with the server's settings."""
+    environment = {
+        **os.environ,
+        "CNNSERVE_PORT": server.https.rsplit(":", 1)[1],
+        "CNNSERVE_TLS_CERT": str(files.server_cert),
+        "CNNSERVE_TLS_KEY": str(files.server_key),
+        **env,
+    }
+    command = [sys.executable, "-m", "app", "probe", "/readyz"]
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=30)
+
+
+def test_the_health_check_probes_over_https(tls, files):
+    assert health_check(tls, files).returncode == 0
+
+
+def test_under_mtls_the_health_check_presents_the_server_certificate(mtls, files):
+    assert health_check(mtls, files, CNNSERVE_TLS_CLIENT_CA=str(files.ca)).returncode == 0
+
+
+def test_under_mtls_a_health_check_with_a_certificate_from_another_ca_fails_and_says_why(mtls, files):
+    stranger = {"CNNSERVE_TLS_CERT": str(files.stranger_cert), "CNNSERVE_TLS_KEY": str(files.stranger_cert)}
+    refused = health_check(mtls, files, CNNSERVE_TLS_CLIENT_CA=str(files.ca), **stranger)
+    assert refused.returncode == 1 and "issued it for client authentication" in refused.stderr

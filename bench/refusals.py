@@ -51,8 +51,8 @@ WARMING_CONNECTIONS = 16
 """Fresh connections that warm a server's processes before a measurement (a feature map's first
 request in a process builds its session: some 140 MB). The kernel hands each fresh connection to
 a process by a hash of its address (SO_REUSEPORT), so a few can all land on one: four left one of
-two processes cold 1 time in 8, and it built its session mid-flood (memory +200 MB instead of
-+70). Sixteen leave one cold 1 time in 30,000."""
+two processes cold 1 time in 8, and it built its session mid-flood (memory +200 to +220 MB instead
+of +55 to +80: over the suite's bound). Sixteen leave one cold 1 time in 30,000."""
 
 
 def start_probe(port: int, seconds: float) -> subprocess.Popen[str]:

@@ -268,8 +268,8 @@ def test_every_cnnserve_variable_in_the_manifests_is_a_setting():
     assert names <= settings, f"not settings: {sorted(names - settings)}"
 
 
-def with_component(overlay: Path, component: str) -> list[dict[str, Any]]:
-    """The cpu overlay with an optional component added, rendered from a kustomization in `overlay`."""
+def with_component(overlay: Path, *components: str) -> list[dict[str, Any]]:
+    """The cpu overlay with optional components added, rendered from a kustomization in `overlay`."""
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
         yaml.safe_dump(
@@ -277,7 +277,7 @@ def with_component(overlay: Path, component: str) -> list[dict[str, Any]]:
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
                 "resources": [os.path.relpath(K8S / "overlays" / "cpu", overlay)],
-                "components": [os.path.relpath(K8S / "components" / component, overlay)],
+                "components": [os.path.relpath(K8S / "components" / component, overlay) for component in components],
             }
         )
     )
@@ -296,6 +296,52 @@ def test_the_models_volume_component_mounts_a_claim_read_only(tmp_path):
     assert mount["readOnly"] is True
     [volume] = [volume for volume in pod["volumes"] if volume["name"] == mount["name"]]
     assert volume["persistentVolumeClaim"]["readOnly"] is True
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The cpu overlay (with its ServiceMonitor) with access control and TLS."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    return with_component(tmp_path_factory.mktemp("guarded") / "overlay", "access", "tls")
+
+
+def secret_file(pod: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
+    """The Secret a file of the container's comes from, and the mount it comes through."""
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume["secret"]["secretName"], mount
+
+
+def test_the_access_and_tls_components_render_valid_kubernetes_1_32(guarded):
+    for obj in guarded:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_access_component_reads_the_keys_file_from_a_secret_mounted_as_a_folder(guarded):
+    """A folder, not a subPath: the kubelet swaps a Secret's folder on change and never updates a
+    subPath mount, and the service reads the keys file again when it changes (rotation)."""
+    pod = by_kind(guarded, "Deployment")["spec"]["template"]["spec"]
+    secret, mount = secret_file(pod, env_of(pod["containers"][0])["CNNSERVE_KEYS_FILE"])
+    assert secret == "cnnserve-access" and mount["readOnly"] is True and "subPath" not in mount
+
+
+def test_the_tls_component_serves_its_secret_s_certificate_and_probes_over_https(guarded):
+    pod = by_kind(guarded, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = env_of(container)
+    settings = Settings(_env_file=None, tls_cert=env["CNNSERVE_TLS_CERT"], tls_key=env["CNNSERVE_TLS_KEY"])
+    assert {secret_file(pod, str(path))[0] for path in (settings.tls_cert, settings.tls_key)} == {"cnnserve-tls"}
+    assert {
+        container[probe]["httpGet"].get("scheme") for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    } == {"HTTPS"}
+
+
+def test_with_access_and_tls_the_servicemonitor_scrapes_over_https_with_a_key(guarded):
+    [endpoint] = by_kind(guarded, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "cnnserve-metrics", "key": "key"}}
 
 
 @pytest.fixture(scope="module")
@@ -584,6 +630,8 @@ def checkov(tmp_path_factory: pytest.TempPathFactory, sdk: KServeSDK) -> dict[st
         (ours / f"{overlay}.yaml").write_text(yaml.safe_dump_all(kustomize(K8S / "overlays" / overlay)))
     traced = with_component(tmp_path_factory.mktemp("tracing") / "overlay", "tracing")
     (ours / "cpu-tracing.yaml").write_text(yaml.safe_dump_all(traced))
+    guarded = with_component(tmp_path_factory.mktemp("guarded") / "overlay", "access", "tls")
+    (ours / "cpu-access-tls.yaml").write_text(yaml.safe_dump_all(guarded))
     (ours / "kserve-predictor-pod.yaml").write_text(yaml.safe_dump(kserve_pod(sdk)))
     for name in ("Dockerfile", "docker-compose.yml"):
         shutil.copy(ROOT / name, ours / name)

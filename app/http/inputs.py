@@ -3,9 +3,9 @@ when the service has admitted the request, and the signal that its client has go
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from functools import partial
+from urllib.parse import parse_qsl
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
@@ -19,11 +19,14 @@ OCTET_STREAM = "application/octet-stream"
 
 
 def query_value(scope: Scope, key: str) -> str | None:
-    """The last ``key=`` value of the query string, as FastAPI reads a parameter, not percent-decoded
-    (a served model's name and a version need no encoding): for middleware, which runs before a
+    """The last ``key`` of the query string, decoded as Starlette decodes it for a route's
+    parameter (FastAPI reads the last of a repeated one): for middleware, which runs before a
     route's parameters are parsed."""
-    found = re.findall(rb"(?:^|&)" + key.encode() + rb"=([^&]*)", scope.get("query_string", b""))
-    return found[-1].decode("latin-1") if found else None
+    query = scope.get("query_string", b"").decode("latin-1")
+    if key not in query and "%" not in query:  # the common case, without parsing
+        return None
+    found = [value for name, value in parse_qsl(query, keep_blank_values=True) if name == key]
+    return found[-1] if found else None
 
 
 def _media_type(content_type: str | None) -> str:

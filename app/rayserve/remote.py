@@ -110,7 +110,7 @@ class RemoteService(Service):
 
     # -- requests, forwarded -----------------------------------------------------------------
 
-    def refuse_if_full(self, name: str | None, version: str | None = None, *, job: bool = False) -> None:
+    def refuse_if_full(self, operation: str, name: str | None, version: str | None = None) -> None:
         """Nothing to check here: each model's capacity is counted in its replicas, which refuse."""
 
     async def layers(self, name: str) -> LayerList:

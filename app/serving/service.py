@@ -288,18 +288,18 @@ class Service:
 
     # -- inference -------------------------------------------------------------------------
 
-    def refuse_if_full(self, name: str | None, version: str | None = None, *, job: bool = False) -> None:
-        """Raises Overloaded now if model ``name`` could not admit one more request (a job, as
-        feature maps, CAM and explanations are, that costs a batch's turn: ``job``). A protocol
-        adapter asks this before it parses a request, so that a flood of uploads to a full model
-        is refused for next to nothing (app/http/middleware/capacity.py); the operation's own
-        admission still decides, and whatever else is wrong with the request (an unknown model, a
-        bad parameter) is the operation's to say."""
+    def refuse_if_full(self, operation: str, name: str | None, version: str | None = None) -> None:
+        """Raises Overloaded now if model ``name`` could not admit one more ``operation`` (this
+        class's method of that name) at what it costs (``admission_cost``). A protocol adapter asks
+        this before it parses a request, so that a flood of uploads to a full model is refused for
+        next to nothing (app/http/middleware/capacity.py); the operation's own admission still
+        decides, and whatever else is wrong with the request (an unknown model or version, a bad
+        parameter) is the operation's to say."""
         try:
             model = self.repository.get(name, version)
         except ServingError:
             return
-        model.batcher.check_room(model.plan.job_cost if job else 1)
+        model.batcher.check_room(admission_cost(model, operation))
 
     async def classify(
         self, name: str | None, image: Image, top_k: int, *, version: str | None = None, gone: Gone | None = None
@@ -347,7 +347,7 @@ class Service:
         inference run in one job on the model's worker threads, so a flood of big photos waits as
         bytes, not pixels; rendering runs in the thread pool, still under admission."""
         model = self.repository.get(name)
-        with model.batcher.admission(cost=model.plan.job_cost):
+        with model.batcher.admission(cost=admission_cost(model, "featuremaps")):
             session = await self._featuremap_session(model)
             chosen = layers.pick(session, layer)
             shape = session.shapes[chosen.tensor]
@@ -395,7 +395,7 @@ class Service:
         labels = model.spec.labels
         if class_index is not None and class_index >= len(labels):
             raise InvalidParameter(f"class_index must be below {len(labels)}")
-        with model.batcher.admission(cost=model.plan.job_cost):
+        with model.batcher.admission(cost=admission_cost(model, "cam")):
             session = await self._featuremap_session(model)
             head = session.analysis.cam
             if head is None:
@@ -427,7 +427,7 @@ class Service:
         labels, spec = model.spec.labels, model.spec.input
         if request.class_index is not None and request.class_index >= len(labels):
             raise InvalidParameter(f"class_index must be below {len(labels)}")
-        with model.batcher.admission(cost=model.plan.job_cost):
+        with model.batcher.admission(cost=admission_cost(model, "explain")):
             session = await self._featuremap_session(model)
             explainer = await self._explainer(model)
             layer, window = self._explain_target(model, session, explainer, request)
@@ -616,6 +616,17 @@ class Service:
         if model.featuremaps.built:
             return model.featuremaps.get()
         return await model.batcher.call(model.featuremaps.get, model.timeout)  # type: ignore[no-any-return]
+
+
+JOBS = frozenset({"featuremaps", "cam", "explain"})
+"""The operations that run alone on a model's worker threads, each in a batch's turn."""
+
+
+def admission_cost(model: Model, operation: str) -> int:
+    """What ``operation`` holds of the model's capacity while admitted, in images: a job costs a
+    whole batch (app/sizing.py's ``job_cost``), anything else one image (V2 infer is charged its
+    batch size once its tensors are read)."""
+    return model.plan.job_cost if operation in JOBS else 1
 
 
 _EXPLAINERS: weakref.WeakKeyDictionary[object, saliency.Explainer] = weakref.WeakKeyDictionary()

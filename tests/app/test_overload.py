@@ -52,10 +52,10 @@ def post(port: int, path: str, body: bytes) -> tuple[int | str, float]:
 
 
 @contextlib.contextmanager
-def full(client, name: str = "lenet5"):
-    """The model holds all its capacity admits, as under a flood."""
+def full(client, name: str = "lenet5", room: int = 0):
+    """The model holds all its capacity admits but ``room`` images, as under a flood."""
     batcher = client.app.state.services.repository.get(name).batcher
-    with batcher.admission(cost=batcher.capacity):
+    with batcher.admission(cost=batcher.capacity - room):
         yield
 
 
@@ -65,13 +65,13 @@ def counted(client, family: str, **labels: str) -> float:
     return sum(s.value for s in samples if s.name.endswith("_total") and labels.items() <= s.labels.items())
 
 
-@pytest.mark.parametrize("path", ["/classify", "/featuremaps", "/cam", "/preprocess", "/explain", "/explain/input"])
-def test_a_full_model_answers_429_on_every_upload_route_without_reading_the_body(client, path):
-    """As ``cnnserve serve`` runs the app: its connection lingers over what the client still sends
-    (app/process/connection.py), so the app never asks for the body of a request it refuses."""
-    asked = []
+def upload_by_hand(client, path: str) -> tuple[list[dict], dict, list[int]]:
+    """A 12 MB upload to LeNet-5 at ``path``, driven through the app as ``cnnserve serve`` drives it
+    (its connection lingers over a refused body, app/process/connection.py): what the app sent, the
+    scope it left, and each time it asked for the body."""
+    asked: list[int] = []
 
-    async def refused() -> list[dict]:
+    async def upload() -> tuple[list[dict], dict]:
         async def receive() -> dict:
             asked.append(1)
             return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
@@ -87,24 +87,62 @@ def test_a_full_model_answers_429_on_every_upload_route_without_reading_the_body
             "extensions": {LINGER_EXTENSION: {}},
         }
         await client.app(scope, receive, send)
-        return sent
+        return sent, scope
 
+    return (*client.portal.call(upload), asked)
+
+
+UPLOAD_PATHS = ["/classify", "/featuremaps", "/cam", "/preprocess", "/explain", "/explain/input"]
+V2_PATHS = ["/v2/models/lenet5/infer", "/v2/models/lenet5/versions/1/infer"]
+JOB_PATHS = ["/featuremaps", "/cam", "/explain"]
+
+
+@pytest.mark.parametrize("path", UPLOAD_PATHS + V2_PATHS)
+def test_a_full_model_answers_429_on_every_upload_route_before_routing_and_without_reading_the_body(client, path):
+    """Before routing: no endpoint in the scope, which routing puts there."""
     with full(client):
-        sent = client.portal.call(refused)
+        sent, scope, asked = upload_by_hand(client, path)
     headers = dict(sent[0]["headers"])
     assert sent[0]["status"] == 429 and int(headers[b"retry-after"]) >= 1
     assert headers[b"connection"] == b"close" and b"lenet5" in sent[1]["body"]
-    assert not asked
+    assert not asked and "endpoint" not in scope
 
 
-def test_a_refusal_before_parsing_is_counted_under_its_endpoint_and_model(client, photos):
-    before = counted(client, "cnnserve_requests", endpoint="/featuremaps", model="lenet5", status="429")
-    rejected = counted(client, "cnnserve_rejected", model="lenet5")
+@pytest.mark.parametrize("path", JOB_PATHS)
+def test_a_job_is_refused_before_routing_when_the_model_has_room_for_an_image_but_not_a_batch(client, path):
+    """A feature map, CAM or explanation costs a batch's turn (Service.admission_cost), here as in
+    the operation."""
+    with full(client, room=1):
+        sent, scope, _ = upload_by_hand(client, path)
+    assert sent[0]["status"] == 429 and "endpoint" not in scope
+
+
+def test_a_declared_oversized_body_is_413_even_for_a_full_model(client):
+    too_big = str(client.app.state.services.settings.max_body_bytes + 1)
     with full(client):
-        response = client.post("/featuremaps?model=lenet5", files={"file": photos["chelsea"].read_bytes()})
+        response = client.post(
+            "/classify?model=lenet5", content=b"x", headers={"content-type": "image/png", "content-length": too_big}
+        )
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint", "model"),
+    [
+        ("/featuremaps?model=lenet5", "/featuremaps", "lenet5"),
+        ("/featuremaps", "/featuremaps", "efficientnet_lite0"),  # the default model
+        ("/v2/models/lenet5/infer", "/v2/models/{name}/infer", "lenet5"),
+        ("/v2/models/lenet5/versions/1/infer", "/v2/models/{name}/versions/{version}/infer", "lenet5"),
+    ],
+)
+def test_a_refusal_before_parsing_is_counted_under_its_endpoint_and_model(client, photos, path, endpoint, model):
+    labels = {"endpoint": endpoint, "model": model, "status": "429"}
+    before, rejected = counted(client, "cnnserve_requests", **labels), counted(client, "cnnserve_rejected", model=model)
+    with full(client, model):
+        response = client.post(path, files={"file": photos["chelsea"].read_bytes()})
     assert response.status_code == 429
-    assert counted(client, "cnnserve_requests", endpoint="/featuremaps", model="lenet5", status="429") == before + 1
-    assert counted(client, "cnnserve_rejected", model="lenet5") == rejected + 1
+    assert counted(client, "cnnserve_requests", **labels) == before + 1
+    assert counted(client, "cnnserve_rejected", model=model) == rejected + 1
 
 
 def test_a_full_model_answers_429_to_a_request_it_would_refuse_for_another_reason_once_it_has_room(client):

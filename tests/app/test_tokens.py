@@ -8,9 +8,11 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -134,6 +136,35 @@ def test_a_changed_keys_file_is_read_again(tmp_path):
     access = Access(Settings(keys_file=keys))
     assert access.admit(old, "read", "-").credential.name == "ci"
     write_atomically(keys, entry("ci-2", new, ["read"]))
+    time.sleep(0.6)  # the file is looked at every RELOAD_CHECK_S
+    assert access.admit(new, "read", "-").credential.name == "ci-2"
+    assert refusal(access, old, "read").reason == "unknown"
+
+
+def kubelet_writes(volume: Path, files: dict[str, str]) -> None:
+    """As the kubelet updates a Secret mounted as a folder: the files in a new timestamped folder,
+    ``..data`` switched to it by a rename, each file a link through ``..data``, the old folder gone."""
+    previous = (volume / "..data").resolve() if (volume / "..data").exists() else None
+    fresh = volume / f"..{time.monotonic_ns()}"
+    fresh.mkdir()
+    for name, text in files.items():
+        (fresh / name).write_text(text)
+    (volume / "..data_tmp").symlink_to(fresh.name)
+    (volume / "..data_tmp").replace(volume / "..data")
+    for name in files:
+        if not (volume / name).is_symlink():
+            (volume / name).symlink_to(f"..data/{name}")
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
+def test_a_keys_file_in_a_kubernetes_secret_volume_is_read_again_when_the_kubelet_swaps_it(tmp_path):
+    """deploy/k8s/components/access mounts the keys file so: rotation without a restart there too."""
+    old, new = new_key("old"), new_key("new")
+    kubelet_writes(tmp_path, {"keys.toml": entry("ci", old, ["read"])})
+    access = Access(Settings(keys_file=tmp_path / "keys.toml"))
+    assert access.admit(old, "read", "-").credential.name == "ci"
+    kubelet_writes(tmp_path, {"keys.toml": entry("ci-2", new, ["read"])})
     time.sleep(0.6)  # the file is looked at every RELOAD_CHECK_S
     assert access.admit(new, "read", "-").credential.name == "ci-2"
     assert refusal(access, old, "read").reason == "unknown"

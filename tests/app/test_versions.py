@@ -208,10 +208,10 @@ def classify(client: TestClient, query: str) -> Any:
     return client.post(f"/classify?model=lenet5{query}", files={"file": IMAGE})
 
 
-def v2_infer(client: TestClient, path: str) -> Any:
+def v2_infer(client: TestClient, path: str, query: str = "") -> Any:
     batch = np.zeros((1, 1, 28, 28), np.float32)
     tensor = {"name": "input", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
-    return client.post(f"/v2/models/{path}/infer", json={"inputs": [tensor]})
+    return client.post(f"/v2/models/{path}/infer{query}", json={"inputs": [tensor]})
 
 
 def test_models_lists_the_served_versions_and_the_one_a_request_gets(http):
@@ -266,6 +266,7 @@ def test_a_full_version_refuses_while_another_version_of_the_model_has_room(http
         assert v2_infer(http, "lenet5").status_code == 429
         assert v2_infer(http, "lenet5/versions/2").status_code == 429
         assert v2_infer(http, "lenet5/versions/1").status_code == 200
+        assert v2_infer(http, "lenet5", "?version=1").status_code == 200  # a query on the route without one
 
 
 @pytest.mark.parametrize("path", ["/v2/models/lenet5", "/v2/models/lenet5/versions/1"])

@@ -1,12 +1,13 @@
 """A request for a model at capacity, refused before FastAPI parses it.
 
 Refused by the operation itself, a request to a full model went through FastAPI's routing, the
-parsing of its parameters and its error handling first: 250 us of the event loop a refusal,
-measured in-process, against 50 us here. A flood of uploads to a full model is mostly refusals,
-and the loop that makes them also answers the probes (README "Access control"). So for the
-routes that take an upload and cost inference, this asks the service first
-(``Service.refuse_if_full``), for the model and version the request names (the default model and
-the newest version when it names none), and answers 429 with Retry-After at once; the connection
+parsing of its parameters and its error handling first: 255 us of the event loop a refusal at
+/featuremaps, measured in-process (``python -m bench.refusals --in-process /featuremaps``),
+against 53 us here. A flood of uploads to a full model is mostly refusals, and the loop that makes
+them also answers the probes (README "Access control"). So for the routes that take an upload
+and cost inference, this asks the service first (``Service.refuse_if_full``, which knows what
+each operation costs), for the model and version the request names (the default model and the
+newest version when it names none), and answers 429 with Retry-After at once; the connection
 then lingers over the unread body, as after any early answer (app/process/connection.py).
 
 It runs inside access control, so a stranger learns nothing of the load (401 and 403 come first),
@@ -33,15 +34,21 @@ from app.http.middleware.access import V2_INFER
 from app.serving.errors import Overloaded
 from app.serving.service import Service
 
-JOBS = frozenset({"/featuremaps", "/cam", "/explain"})  # run alone, at a batch's cost
-IMAGE_PATHS = frozenset({"/classify", "/preprocess", "/explain/input", *JOBS})
+UPLOADS = {  # path: the Service operation it calls
+    "/classify": "classify",
+    "/preprocess": "given",
+    "/explain/input": "given_values",
+    "/featuremaps": "featuremaps",
+    "/cam": "cam",
+    "/explain": "explain",
+}
 V2_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 
 
 @dataclass(frozen=True)
 class Operation:
+    name: str  # the Service method
     route: APIRoute
-    job: bool
     versioned: bool  # takes a ``version`` query parameter
 
 
@@ -51,9 +58,9 @@ def operations(routes: Sequence[BaseRoute]) -> dict[str, Operation]:
     without one is ignored there, and so here)."""
     found = {}
     for route in routes:
-        if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and route.path in (*IMAGE_PATHS, *V2_PATHS):
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and route.path in (*UPLOADS, *V2_PATHS):
             versioned = any(param.alias == "version" for param in route.dependant.query_params)
-            found[route.path] = Operation(route, route.path in JOBS, versioned)
+            found[route.path] = Operation(UPLOADS.get(route.path, "infer"), route, versioned)
     return found
 
 
@@ -75,7 +82,7 @@ class CapacityFirst:
     def refuse_if_full(self, scope: Scope) -> None:
         path: str = scope["path"]
         params: dict[str, Any] = {}
-        if path in IMAGE_PATHS:
+        if path in UPLOADS:
             template, name = path, query_value(scope, "model") or None
         elif v2 := V2_INFER.match(path):
             params = {key: value for key, value in v2.groupdict().items() if value is not None}
@@ -87,7 +94,7 @@ class CapacityFirst:
             return
         version = params.get("version") or (query_value(scope, "version") if operation.versioned else None)
         try:
-            self.service.refuse_if_full(name, version or None, job=operation.job)
+            self.service.refuse_if_full(operation.name, name, version)
         except Overloaded:
             scope["route"], scope["path_params"] = operation.route, params  # as routing would have
             raise

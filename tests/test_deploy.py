@@ -200,6 +200,36 @@ def test_compose_exports_traces_only_when_an_endpoint_is_given():
     assert tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
 
 
+ACCESS = ("CNNSERVE_KEYS_FILE", "CNNSERVE_JWT_SECRET", "CNNSERVE_JWT_JWKS_FILE")
+TLS = ("CNNSERVE_TLS_CERT", "CNNSERVE_TLS_KEY", "CNNSERVE_TLS_CLIENT_CA")
+SECRETS = "./deploy/secrets:/run/secrets/cnnserve:ro"
+
+
+def test_compose_passes_access_and_tls_through_off_by_default():
+    """Each from the shell or .env, empty by default, and empty means off to the service; the
+    replicas behind nginx take no TLS (nginx speaks plain HTTP to them)."""
+    wanted = {"cnnserve-cpu": ACCESS + TLS, "cnnserve-gpu": ACCESS + TLS, "replica": ACCESS}
+    for name, settings in wanted.items():
+        environment = COMPOSE["services"][name]["environment"]
+        assert {key: environment[key] for key in settings} == {key: f"${{{key}:-}}" for key in settings}
+        assert not set(TLS) - set(settings) & set(environment)
+    off = Settings(_env_file=None, **{key.removeprefix("CNNSERVE_").lower(): "" for key in ACCESS + TLS})
+    assert (off.keys_file, off.jwt_secret, off.jwt_jwks_file, off.tls_cert, off.tls_key, off.tls_client_ca) == (
+        None,
+    ) * 6
+
+
+def test_compose_mounts_a_secrets_folder_that_git_ignores_read_only():
+    for service in COMPOSE["services"].values():
+        if "build" in service:
+            assert SECRETS in service["volumes"]
+    folder = ROOT / SECRETS.split(":")[0]
+    assert (folder / ".gitignore").is_file(), "the folder exists in a clean checkout, so the mount never fails"
+    for name in ("keys.toml", "tls.key", "jwks.json"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(folder / name)], cwd=ROOT)
+        assert ignored.returncode == 0, f"{name} would be committed"
+
+
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
     """The CPU build stage's COPY and RUN lines, performed with its folders moved here, and pip

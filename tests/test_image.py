@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ import grpc
 import jsonschema
 import pytest
 import tritonclient.grpc as triton_grpc
+import trustme
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from packaging.markers import Marker
@@ -39,6 +41,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
 
+from .app.access_helpers import entry, new_key, write_atomically
 from .conftest import MODELS, ROOT, free_port
 
 IMAGE_SH = ROOT / "deploy" / "image.sh"
@@ -139,10 +142,12 @@ class Container:
         return logs.stdout + logs.stderr
 
 
-def get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
+def get(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 10, context: ssl.SSLContext | None = None
+) -> tuple[int, bytes, dict[str, str]]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, error.read(), dict(error.headers)
@@ -158,9 +163,12 @@ def post_image(url: str, body: bytes, headers: dict[str, str] | None = None, tim
 
 
 @contextmanager
-def container(built: Built, *options: str, env: dict[str, str] | None = None) -> Iterator[Container]:
-    """A container of the image with ``options``, HTTP and gRPC published on free loopback ports,
-    ready (/readyz 200) when yielded; removed afterwards, whatever happened."""
+def container(
+    built: Built, *options: str, env: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
+) -> Iterator[Container]:
+    """A container of the image with ``options``, HTTP (HTTPS, verified with ``tls``, when it
+    serves TLS) and gRPC published on free loopback ports, ready (/readyz 200) when yielded;
+    removed afterwards, whatever happened."""
     name = f"cnnserve-test-{os.getpid()}-{free_port()}"
     http, grpc_port = free_port(), free_port()
     environment = [f"--env={key}={value}" for key, value in (env or {}).items()]
@@ -179,10 +187,10 @@ def container(built: Built, *options: str, env: dict[str, str] | None = None) ->
         *options,
         built.tag,
     )
-    box = Container(built, name, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}")
+    box = Container(built, name, f"{'https' if tls else 'http'}://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}")
     try:
         deadline = started + 120
-        while not ready(box.http):
+        while not ready(box.http, context=tls):
             state = built("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
             assert state == "running", f"the container is {state}:\n{box.logs()[-3000:]}"
             assert time.monotonic() < deadline, f"never ready:\n{box.logs()[-3000:]}"
@@ -193,15 +201,15 @@ def container(built: Built, *options: str, env: dict[str, str] | None = None) ->
         built("rm", "--force", name, check=False)
 
 
-def ready(url: str, in_a_row: int = 10) -> bool:
+def ready(url: str, in_a_row: int = 10, context: ssl.SSLContext | None = None) -> bool:
     """/readyz 200 ``in_a_row`` times on fresh connections: the kernel spreads connections over the
     server processes (two by default on two cores), and the first 200 may come from the first up."""
-    return all(get_status(f"{url}/readyz") == 200 for _ in range(in_a_row))
+    return all(get_status(f"{url}/readyz", context) == 200 for _ in range(in_a_row))
 
 
-def get_status(url: str) -> int:
+def get_status(url: str, context: ssl.SSLContext | None = None) -> int:
     try:
-        return get(url, timeout=2)[0]
+        return get(url, timeout=2, context=context)[0]
     except OSError:
         return 0
 
@@ -305,6 +313,41 @@ def test_the_cors_origin_given_with_e_is_allowed(production):
     origin = SETTINGS["CNNSERVE_CORS_ORIGINS"]
     _, _, headers = get(f"{production.http}/healthz", {"Origin": origin})
     assert {k.lower(): v for k, v in headers.items()}.get("access-control-allow-origin") == origin
+
+
+def test_a_keys_file_and_a_certificate_mounted_read_only_serve_https_to_the_file_s_keys(image, tmp_path):
+    """As docker-compose.yml runs it with deploy/secrets: a key of the file admitted, a key rotated
+    in the host's file read again without a restart, HTTPS with the certificate, and the health
+    check passing over it."""
+    ca, folder = trustme.CA(), tmp_path / "secrets"
+    folder.mkdir(mode=0o755)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    certificate = ca.issue_cert("127.0.0.1")
+    certificate.cert_chain_pems[0].write_to_path(str(folder / "tls.crt"))
+    certificate.private_key_pem.write_to_path(str(folder / "tls.key"))
+    old, new = new_key("image"), new_key("image")
+    (folder / "keys.toml").write_text(entry("image-old", old, ["read"]))
+    for path in folder.iterdir():
+        path.chmod(0o644)  # readable by the container's uid 10001
+    inside = "/run/secrets/cnnserve"
+    env = {
+        "CNNSERVE_PROCESSES": "1",
+        "CNNSERVE_KEYS_FILE": f"{inside}/keys.toml",
+        "CNNSERVE_TLS_CERT": f"{inside}/tls.crt",
+        "CNNSERVE_TLS_KEY": f"{inside}/tls.key",
+    }
+    verified = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    with container(image, *PRODUCTION, "--volume", f"{folder}:{inside}:ro", env=env, tls=verified) as box:
+        assert get(f"{box.http}/models", context=verified)[0] == 401
+        assert get(f"{box.http}/models", {"X-API-Key": old}, context=verified)[0] == 200
+        assert box.exec("cnnserve", "probe", "/readyz", check=False).returncode == 0
+        write_atomically(folder / "keys.toml", entry("image-new", new, ["read"]))
+        (folder / "keys.toml").chmod(0o644)
+        deadline = time.monotonic() + 10
+        while get(f"{box.http}/models", {"X-API-Key": new}, context=verified)[0] != 200:
+            assert time.monotonic() < deadline, "the rotated key never worked"
+            time.sleep(0.2)
+        assert get(f"{box.http}/models", {"X-API-Key": old}, context=verified)[0] == 401
 
 
 def test_models_mounted_read_only_from_the_host_replace_the_baked_in_ones(image, client, photos, tmp_path):

@@ -332,7 +332,11 @@ def test_the_tls_component_serves_its_secret_s_certificate_and_probes_over_https
     container = pod["containers"][0]
     env = env_of(container)
     settings = Settings(_env_file=None, tls_cert=env["CNNSERVE_TLS_CERT"], tls_key=env["CNNSERVE_TLS_KEY"])
-    assert {secret_file(pod, str(path))[0] for path in (settings.tls_cert, settings.tls_key)} == {"cnnserve-tls"}
+    mounted = [secret_file(pod, str(path)) for path in (settings.tls_cert, settings.tls_key)]
+    assert {secret for secret, _ in mounted} == {"cnnserve-tls"}
+    assert not [mount for _, mount in mounted if "subPath" in mount], (
+        "a renewal must reach the pod (app/process/tls.py)"
+    )
     assert {
         container[probe]["httpGet"].get("scheme") for probe in ("startupProbe", "livenessProbe", "readinessProbe")
     } == {"HTTPS"}

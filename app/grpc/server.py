@@ -24,6 +24,7 @@ from app.config import Settings
 from app.grpc import inference_pb2 as pb
 from app.grpc.health import add_health
 from app.grpc.servicer import SERVICE, Servicer
+from app.process.tls import CertificateFiles, Pair
 from app.serving.services import Services
 
 log = logging.getLogger("cnnserve")
@@ -98,17 +99,25 @@ def address(host: str, port: int) -> str:
 
 def bind(server: grpc.aio.Server, settings: Settings) -> int:
     """The port, over TLS with CNNSERVE_TLS_CERT and _KEY (client certificates signed by
-    CNNSERVE_TLS_CLIENT_CA required when it is set), else in clear."""
+    CNNSERVE_TLS_CLIENT_CA required when it is set), else in clear. The files are read again when
+    they change (app/process/tls.py): gRPC asks before each new connection's handshake."""
     where = address(settings.host, settings.grpc_port)
     if settings.tls_cert is None or settings.tls_key is None:
         return int(server.add_insecure_port(where))
-    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    credentials = grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    files = CertificateFiles(settings)
+
+    def renewed() -> grpc.ServerCertificateConfiguration | None:
+        pair = files.renewed()
+        return certificate_configuration(pair) if pair is not None else None
+
+    credentials = grpc.dynamic_ssl_server_credentials(
+        certificate_configuration(files.read()), renewed, require_client_authentication=files.client_ca
     )
     return int(server.add_secure_port(where, credentials))
+
+
+def certificate_configuration(pair: Pair) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(pair.key, pair.certificate)], root_certificates=pair.client_ca)
 
 
 @asynccontextmanager

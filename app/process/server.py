@@ -32,6 +32,7 @@ from app.http.app import configure_logging, create_app
 from app.process.connection import connection_class
 from app.process.inference import make_feed, run_owner
 from app.process.supervisor import Supervisor
+from app.process.tls import CertificateFiles, reload_into
 from app.process.topology import ConnectionShare, Slot, listening_sockets
 from app.serving import services as wiring
 from app.serving.activity import Activity
@@ -79,6 +80,7 @@ class DrainingServer(uvicorn.Server):
         self.share = share
         nice = services.settings.worker_nice
         self.precedence = Precedence(nice) if nice > 0 else None
+        self.certificates = CertificateFiles(services.settings) if services.settings.tls_cert else None
         if share is not None:
             share.connections = self.server_state.connections
 
@@ -89,6 +91,8 @@ class DrainingServer(uvicorn.Server):
             self.share.publish()
         if self.precedence is not None:
             self.precedence.apply()
+        if self.certificates is not None and self.config.ssl is not None:
+            reload_into(self.config.ssl, self.certificates)  # a renewed certificate, without a restart
         return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

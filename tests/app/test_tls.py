@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -46,9 +47,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Files:
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, ca) -> Files:
     folder = tmp_path_factory.mktemp("tls")
-    ca, other_ca = trustme.CA(), trustme.CA()
+    other_ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     client = ca.issue_cert("client@example.org")
     stranger = other_ca.issue_cert("stranger@example.org")
@@ -270,3 +276,65 @@ def test_under_mtls_a_health_check_with_a_certificate_from_another_ca_fails_and_
     stranger = {"CNNSERVE_TLS_CERT": str(files.stranger_cert), "CNNSERVE_TLS_KEY": str(files.stranger_cert)}
     refused = health_check(mtls, files, CNNSERVE_TLS_CLIENT_CA=str(files.ca), **stranger)
     assert refused.returncode == 1 and "issued it for client authentication" in refused.stderr
+
+
+def served_certificate(address: str, files: Files) -> bytes:
+    """The certificate a new connection to ``host:port`` is shown (DER), verified with the CA."""
+    host, port = address.removeprefix("https://").rsplit(":", 1)
+    verify = context(files, with_certificate=True)
+    verify.set_alpn_protocols(["h2", "http/1.1"])  # gRPC's port wants h2
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        verify.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        return tls.getpeercert(binary_form=True)
+
+
+def der(pem: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+def renew(folder: Path, certificate: trustme.LeafCert, *, with_key: bool = True) -> None:
+    """As a renewal lands: each file written beside, then renamed over the old one."""
+    halves = [("server.pem", certificate.cert_chain_pems[0])]
+    halves += [("server.key", certificate.private_key_pem)] if with_key else []
+    for name, blob in halves:
+        blob.write_to_path(str(folder / f"{name}.new"))
+        (folder / f"{name}.new").replace(folder / name)
+
+
+@pytest.fixture
+def renewable(files, models, tmp_path) -> Iterator[tuple[Server, Path]]:
+    """A TLS server (mTLS: the CA's clients only) on copies of the certificate files, in a folder
+    of its own that the test may renew."""
+    shutil.copy(files.server_cert, tmp_path / "server.pem")
+    shutil.copy(files.server_key, tmp_path / "server.key")
+    env = {
+        "CNNSERVE_TLS_CERT": str(tmp_path / "server.pem"),
+        "CNNSERVE_TLS_KEY": str(tmp_path / "server.key"),
+        "CNNSERVE_TLS_CLIENT_CA": str(files.ca),
+    }
+    with tls_server(files, models, **env) as server:
+        yield server, tmp_path
+
+
+def test_a_renewed_certificate_is_served_without_a_restart_over_https_and_grpc(renewable, files, ca):
+    server, folder = renewable
+    assert served_certificate(server.https, files) == der(files.server_cert)
+    renew(folder, ca.issue_cert("127.0.0.1", "localhost"))
+    for address in (server.https, server.grpc):
+        deadline = time.monotonic() + 10
+        while served_certificate(address, files) != der(folder / "server.pem"):
+            assert time.monotonic() < deadline, f"{address} never served the renewed certificate"
+            time.sleep(0.2)
+    response = httpx.get(f"{server.https}/models", verify=context(files, True))
+    assert response.status_code == 200
+
+
+def test_a_certificate_without_its_key_is_refused_and_the_one_before_served_on(renewable, files, ca):
+    server, folder = renewable
+    renew(folder, ca.issue_cert("127.0.0.1", "localhost"), with_key=False)
+    time.sleep(2.5)  # two checks of the files, at most a second apart
+    for address in (server.https, server.grpc):
+        assert served_certificate(address, files) == der(files.server_cert)
+    assert httpx.get(f"{server.https}/models", verify=context(files, True)).status_code == 200

@@ -92,9 +92,15 @@ def check(certificate: Path, key: Path) -> None:
 
 
 def reload_into(context: ssl.SSLContext, files: CertificateFiles) -> None:
-    """The renewed pair into the live HTTPS context, if there is one."""
+    """The renewed pair into the live HTTPS context, if there is one. Called from the server's
+    tick: an error here is logged, never raised into the server's loop (the files could change
+    again between the check and the load)."""
     if files.renewed() is None:
         return
-    context.load_cert_chain(files.paths[0], files.paths[1])
-    if files.client_ca:
-        context.load_verify_locations(files.paths[2])
+    try:
+        context.load_cert_chain(files.paths[0], files.paths[1])
+        if files.client_ca:
+            context.load_verify_locations(files.paths[2])
+    except (OSError, ssl.SSLError) as error:
+        log.error("TLS certificate files changed while being loaded (%s); next check in a second", error)
+        files.signature = ()

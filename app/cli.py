@@ -6,6 +6,7 @@ import argparse
 import json
 import ssl
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,9 @@ def probe(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(url, timeout=3, context=probe_tls(settings)) as response:
             return 0 if response.status == 200 else 1
+    except urllib.error.HTTPError as answer:  # answered, not 200 (503 while loading or draining)
+        print(f"{url}: {answer.code}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"{url}: {error}", file=sys.stderr)
         if settings.tls_client_ca:
@@ -234,7 +238,7 @@ def probe(args: argparse.Namespace) -> int:
 def probe_tls(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls_cert is None:
         return None
-    context = ssl.create_default_context()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no system CA store to load: nothing is verified
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     if settings.tls_client_ca is not None and settings.tls_key is not None:

@@ -111,7 +111,7 @@ def bind(server: grpc.aio.Server, settings: Settings) -> int:
         return certificate_configuration(pair) if pair is not None else None
 
     credentials = grpc.dynamic_ssl_server_credentials(
-        certificate_configuration(files.read()), renewed, require_client_authentication=files.client_ca
+        certificate_configuration(files.read()), renewed, require_client_authentication=files.client_ca is not None
     )
     return int(server.add_secure_port(where, credentials))
 

@@ -32,7 +32,7 @@ from app.http.app import configure_logging, create_app
 from app.process.connection import connection_class
 from app.process.inference import make_feed, run_owner
 from app.process.supervisor import Supervisor
-from app.process.tls import CertificateFiles, reload_into
+from app.process.tls import CertificateFiles, HttpsCertificates
 from app.process.topology import ConnectionShare, Slot, listening_sockets
 from app.serving import services as wiring
 from app.serving.activity import Activity
@@ -80,7 +80,7 @@ class DrainingServer(uvicorn.Server):
         self.share = share
         nice = services.settings.worker_nice
         self.precedence = Precedence(nice) if nice > 0 else None
-        self.certificates = CertificateFiles(services.settings) if services.settings.tls_cert else None
+        self.https = https_certificates(config, services.settings)
         if share is not None:
             share.connections = self.server_state.connections
 
@@ -91,9 +91,14 @@ class DrainingServer(uvicorn.Server):
             self.share.publish()
         if self.precedence is not None:
             self.precedence.apply()
-        if self.certificates is not None and self.config.ssl is not None:
-            reload_into(self.config.ssl, self.certificates)  # a renewed certificate, without a restart
+        if self.https is not None:
+            self.https.refresh()  # a renewed certificate, served without a restart
         return await super().on_tick(counter)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.https is not None and self.config.ssl is not None:
+            self.https.attach(self.config.ssl)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         lifecycle = self.services.lifecycle
@@ -154,6 +159,23 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     if settings.tls_client_ca is not None:
         options |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return options
+
+
+def https_certificates(config: uvicorn.Config, settings: Settings) -> HttpsCertificates | None:
+    """What switches HTTPS to a renewed certificate: new contexts made as uvicorn made the first."""
+    if settings.tls_cert is None or config.ssl_certfile is None:
+        return None
+    make = partial(
+        uvicorn.config.create_ssl_context,
+        config.ssl_certfile,
+        config.ssl_keyfile,
+        config.ssl_keyfile_password,
+        config.ssl_version,
+        config.ssl_cert_reqs,
+        config.ssl_ca_certs,
+        config.ssl_ciphers,
+    )
+    return HttpsCertificates(CertificateFiles(settings), make)
 
 
 def uvicorn_logging() -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from ..conftest import MODELS, ROOT, free_port
@@ -75,8 +76,9 @@ def files(tmp_path_factory, ca) -> Files:
 
 
 @contextmanager
-def tls_server(files: Files, models: Path, **env: str) -> Iterator[Server]:
-    """``cnnserve serve`` over TLS on free ports; ready once /readyz answers over HTTPS."""
+def tls_server(files: Files, models: Path, log: Path | None = None, **env: str) -> Iterator[Server]:
+    """``cnnserve serve`` over TLS on free ports, writing its log to ``log`` if given; ready once
+    /readyz answers over HTTPS."""
     port, grpc_port = free_port(), free_port()
     environment = {
         **os.environ,
@@ -89,7 +91,9 @@ def tls_server(files: Files, models: Path, **env: str) -> Iterator[Server]:
         "CNNSERVE_TLS_KEY": str(files.server_key),
         **env,
     }
-    process = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=environment)
+    output = open(log, "w") if log else None  # noqa: SIM115  # closed with the server, below
+    command = [sys.executable, "-m", "app", "serve"]
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output and subprocess.STDOUT)
     server = Server(f"https://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
     try:
         wait_ready(server.https, files, process)
@@ -97,6 +101,8 @@ def tls_server(files: Files, models: Path, **env: str) -> Iterator[Server]:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+        if output:
+            output.close()
 
 
 def context(files: Files, with_certificate: bool = False) -> ssl.SSLContext:
@@ -276,6 +282,7 @@ def test_under_mtls_a_health_check_with_a_certificate_from_another_ca_fails_and_
     stranger = {"CNNSERVE_TLS_CERT": str(files.stranger_cert), "CNNSERVE_TLS_KEY": str(files.stranger_cert)}
     refused = health_check(mtls, files, CNNSERVE_TLS_CLIENT_CA=str(files.ca), **stranger)
     assert refused.returncode == 1 and "issued it for client authentication" in refused.stderr
+    assert "remote end closed" in refused.stderr.lower(), refused.stderr  # the server's refusal, not a local failure
 
 
 def served_certificate(address: str, files: Files) -> bytes:
@@ -305,17 +312,25 @@ def renew(folder: Path, certificate: trustme.LeafCert, *, with_key: bool = True)
 
 @pytest.fixture
 def renewable(files, models, tmp_path) -> Iterator[tuple[Server, Path]]:
-    """A TLS server (mTLS: the CA's clients only) on copies of the certificate files, in a folder
-    of its own that the test may renew."""
+    """A TLS server (mTLS: the client CA's clients only) on copies of the certificate files and the
+    client CA, in a folder of its own that the test may renew."""
     shutil.copy(files.server_cert, tmp_path / "server.pem")
     shutil.copy(files.server_key, tmp_path / "server.key")
+    shutil.copy(files.ca, tmp_path / "client-ca.pem")
     env = {
         "CNNSERVE_TLS_CERT": str(tmp_path / "server.pem"),
         "CNNSERVE_TLS_KEY": str(tmp_path / "server.key"),
-        "CNNSERVE_TLS_CLIENT_CA": str(files.ca),
+        "CNNSERVE_TLS_CLIENT_CA": str(tmp_path / "client-ca.pem"),
     }
-    with tls_server(files, models, **env) as server:
+    with tls_server(files, models, log=tmp_path / "server.log", **env) as server:
         yield server, tmp_path
+
+
+def until(condition, what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
 
 
 def test_a_renewed_certificate_is_served_without_a_restart_over_https_and_grpc(renewable, files, ca):
@@ -323,18 +338,52 @@ def test_a_renewed_certificate_is_served_without_a_restart_over_https_and_grpc(r
     assert served_certificate(server.https, files) == der(files.server_cert)
     renew(folder, ca.issue_cert("127.0.0.1", "localhost"))
     for address in (server.https, server.grpc):
-        deadline = time.monotonic() + 10
-        while served_certificate(address, files) != der(folder / "server.pem"):
-            assert time.monotonic() < deadline, f"{address} never served the renewed certificate"
-            time.sleep(0.2)
+        until(lambda at=address: served_certificate(at, files) == der(folder / "server.pem"), f"{address}: not renewed")
     response = httpx.get(f"{server.https}/models", verify=context(files, True))
     assert response.status_code == 200
 
 
-def test_a_certificate_without_its_key_is_refused_and_the_one_before_served_on(renewable, files, ca):
+def test_a_certificate_without_its_key_is_refused_once_and_the_one_before_served_on(renewable, files, ca):
     server, folder = renewable
     renew(folder, ca.issue_cert("127.0.0.1", "localhost"), with_key=False)
     time.sleep(2.5)  # two checks of the files, at most a second apart
-    for address in (server.https, server.grpc):
+    for address in (server.https, server.grpc):  # gRPC looks before each new connection's handshake
         assert served_certificate(address, files) == der(files.server_cert)
     assert httpx.get(f"{server.https}/models", verify=context(files, True)).status_code == 200
+    logged = (folder / "server.log").read_text()
+    assert logged.count("TLS certificate files refused") == 2, logged  # once for HTTPS, once for gRPC
+
+
+def grpc_admits(server: Server, files: Files, client: trustme.LeafCert) -> bool:
+    credentials = grpc.ssl_channel_credentials(
+        files.ca.read_bytes(), client.private_key_pem.bytes(), client.cert_chain_pems[0].bytes()
+    )
+    with grpc.secure_channel(server.grpc, credentials) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        return True
+
+
+def https_admits(server: Server, files: Files, client: trustme.LeafCert, folder: Path) -> bool:
+    client.private_key_and_cert_chain_pem.write_to_path(str(folder / "client.pem"))
+    verify = ssl.create_default_context(cafile=str(files.ca))
+    verify.load_cert_chain(str(folder / "client.pem"))
+    try:
+        return httpx.get(f"{server.https}/readyz", verify=verify, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_replaced_client_ca_admits_its_clients_and_no_longer_the_old_ones(renewable, files, ca, tmp_path_factory):
+    server, folder = renewable
+    old_client, new_ca = ca.issue_cert("old@example.org"), trustme.CA()
+    new_client, scratch = new_ca.issue_cert("new@example.org"), tmp_path_factory.mktemp("clients")
+    assert https_admits(server, files, old_client, scratch) and grpc_admits(server, files, old_client)
+    new_ca.cert_pem.write_to_path(str(folder / "client-ca.pem.new"))
+    (folder / "client-ca.pem.new").replace(folder / "client-ca.pem")
+    until(lambda: https_admits(server, files, new_client, scratch), "HTTPS never admitted the new CA's client")
+    until(lambda: grpc_admits(server, files, new_client), "gRPC never admitted the new CA's client")
+    assert not https_admits(server, files, old_client, scratch)
+    assert not grpc_admits(server, files, old_client)

@@ -110,7 +110,7 @@ def test_a_full_model_answers_429_on_every_upload_route_before_routing_and_witho
 
 @pytest.mark.parametrize("path", JOB_PATHS)
 def test_a_job_is_refused_before_routing_when_the_model_has_room_for_an_image_but_not_a_batch(client, path):
-    """A feature map, CAM or explanation costs a batch's turn (Service.admission_cost), here as in
+    """A feature map, CAM or explanation costs a batch's turn (admission_cost in app/serving/service.py), here as in
     the operation."""
     with full(client, room=1):
         sent, scope, _ = upload_by_hand(client, path)

@@ -15,7 +15,9 @@ and inside the body's limits (a declared oversized body gets its 413 first). A r
 here is checked no further: a full model answers 429 to a request with a bad parameter or media
 type too, and the client hears of those once the model has room. The route the request would
 have taken goes into its scope as routing puts it, so that /metrics count it under its endpoint
-and model as before.
+and model as before. A request it lets through pays for the check: 0.9 us without a query string,
+4.3 us with one to parse (measured in-process on /classify), against some 850 us of server CPU for
+the cheapest whole request (LeNet-5).
 """
 
 from __future__ import annotations
